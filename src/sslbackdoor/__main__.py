@@ -1,0 +1,3 @@
+from sslbackdoor.cli import main
+
+main()

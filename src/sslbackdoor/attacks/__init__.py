@@ -1,0 +1,1 @@
+"""Backdoor attacks: BadEncoder (fine-tunes an encoder), CorruptEncoder (poisons data)."""

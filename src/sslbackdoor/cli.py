@@ -1,0 +1,273 @@
+"""The `sslbackdoor` command: thin wrappers over the Python API.
+
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sslbackdoor.errors import UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Backdoor attacks on pre-trained self-supervised encoders, and defenses.")
+attack_app = typer.Typer(no_args_is_help=True, help="Run an attack and save the backdoored encoder.")
+data_app = typer.Typer(no_args_is_help=True, help="Offline data set-up and listings.")
+app.add_typer(attack_app, name="attack")
+app.add_typer(data_app, name="data")
+
+OutOption = Annotated[Path, typer.Option("--out", help="output folder")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config field: KEY=VALUE")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress output")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="continue from the last epoch checkpoint in --out")]
+
+
+def shipped_experiments() -> dict[str, Path]:
+    folder = resources.files("sslbackdoor") / "experiments"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_experiment(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserInputError(f"experiment file not found: {path}")
+        return path
+    shipped = shipped_experiments()
+    if name_or_path not in shipped:
+        raise UserInputError(f"unknown experiment {name_or_path!r}; shipped: "
+                             f"{', '.join(sorted(shipped))} (or give a .yaml path)")
+    return shipped[name_or_path]
+
+
+def _run_config(path: Path, out: Path, overrides: list[str], device: str, quiet: bool,
+                resume: bool) -> None:
+    from sslbackdoor.config import load_config
+    from sslbackdoor.experiment import run_badencoder_experiment
+    from sslbackdoor.progress import set_quiet
+
+    set_quiet(quiet)
+    extra = [f"device={device}"] if device != "auto" else []
+    config = load_config(path, [*overrides, *extra])
+    _refuse_foreign_out(out, resume)
+    results = run_badencoder_experiment(config, out, resume=resume)
+    _print_summary(results, out)
+
+
+def _refuse_foreign_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
+
+
+def _print_summary(results: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['name']} (percent; ASR excludes target-class inputs)")
+    for column in ("task", "target", "CA", "BA", "ASR-B", "ASR"):
+        table.add_column(column, justify="right" if column not in ("task", "target") else "left")
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.2f}"
+
+    for task in results["tasks"]:
+        table.add_row(task["task"], str(task["target_name"] or "–"), pct(task["ca"]),
+                      pct(task["ba"]), pct(task["asr_b"]), pct(task["asr"]))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'}")
+
+
+@app.command()
+def demo(out: OutOption = Path("runs/demo"), device: DeviceOption = "auto",
+         resume: ResumeOption = False, quiet: QuietOption = False,
+         set_: SetOption = None) -> None:
+    """Backdoor a real ImageNet MobileNetV2 for two tasks and report CA/BA/ASR-B/ASR."""
+    _run_config(shipped_experiments()["demo"], out, set_ or [], device, quiet, resume)
+
+
+@app.command()
+def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or YAML path")] = None,
+        out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+        set_: SetOption = None, device: DeviceOption = "auto", resume: ResumeOption = False,
+        quiet: QuietOption = False,
+        list_: Annotated[bool, typer.Option("--list", help="list shipped experiments")] = False) -> None:
+    """Run an experiment file (or a shipped experiment by name)."""
+    if list_ or experiment is None:
+        for name, path in sorted(shipped_experiments().items()):
+            first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+            typer.echo(f"{name:24s} {first}")
+        return
+    if out is None:
+        raise UserInputError("--out DIR is required to run an experiment")
+    _run_config(resolve_experiment(experiment), out, set_ or [], device, quiet, resume)
+
+
+@attack_app.command("badencoder")
+def attack_badencoder(
+    out: OutOption,
+    arch: Annotated[str, typer.Option(help="encoder architecture")] = "torchvision:mobilenet_v2",
+    weights: Annotated[str, typer.Option(help="'imagenet' or a checkpoint path")] = "imagenet",
+    shadow: Annotated[list[str] | None, typer.Option(help="DATASET[/SPLIT][@LIMIT], repeatable")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="TASK:CLASS, repeatable")] = None,
+    reference: Annotated[list[str] | None, typer.Option(
+        help="DATASET[/SPLIT][@COUNT] per --target (default: the task's train split)")] = None,
+    trigger_size: Annotated[int, typer.Option(help="trigger side in pixels")] = 10,
+    image_size: Annotated[int, typer.Option(help="side of the images the encoder sees")] = 32,
+    epochs: Annotated[int, typer.Option()] = 200,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOption = "auto", resume: ResumeOption = False, quiet: QuietOption = False,
+) -> None:
+    """Inject one or more backdoors into an encoder (no evaluation; see `evaluate`)."""
+    from sslbackdoor.config import load_config
+    from sslbackdoor.experiment import run_attack_stage
+    from sslbackdoor.progress import set_quiet
+
+    set_quiet(quiet)
+    if not shadow or not target:
+        raise UserInputError("give at least one --shadow DATASET and one --target TASK:CLASS")
+    targets = [_parse_target(t, (reference or [])[i] if i < len(reference or []) else None,
+                             trigger_size) for i, t in enumerate(target)]
+    config = load_config({
+        "name": "attack-badencoder", "seed": seed, "device": device, "image_size": image_size,
+        "encoder": {"arch": arch, "weights": weights},
+        "shadow": [_parse_source(s) for s in shadow], "targets": targets,
+        "attack": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
+    }, label="attack badencoder")
+    stage = run_attack_stage(config, out, resume=resume)
+    typer.echo(f"wrote {stage.encoder_path} (sha256 {stage.encoder_sha256[:16]}…)")
+
+
+def _parse_source(text: str) -> dict[str, Any]:
+    name, _, limit = text.partition("@")
+    dataset, _, split = name.rpartition("/") if "/" in name and not name.startswith(("npz:", "imagefolder:")) else (name, "", "")
+    source: dict[str, Any] = {"dataset": dataset or name, "split": split or "train"}
+    if limit:
+        source["limit"] = _int(limit, text)
+    return source
+
+
+def _parse_target(text: str, reference: str | None, trigger_size: int) -> dict[str, Any]:
+    task, sep, cls = text.rpartition(":")
+    if not sep or not task:
+        raise UserInputError(f"--target {text!r}: expected TASK:CLASS, e.g. mnist-5k:1")
+    ref = _parse_source(reference or f"{task}/train")
+    return {"task": task, "target_class": _int(cls, text),
+            "trigger": {"size": trigger_size},
+            "references": {"dataset": ref["dataset"], "split": ref["split"],
+                           "count": ref.get("limit", 1)}}
+
+
+def _int(text: str, context: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserInputError(f"{context!r}: {text!r} is not an integer") from None
+
+
+@app.command()
+def evaluate(
+    encoder: Annotated[Path, typer.Option(help="encoder checkpoint (.safetensors or reference .pth)")],
+    task: Annotated[list[str], typer.Option(help="downstream dataset, repeatable")],
+    out: OutOption,
+    arch: Annotated[str | None, typer.Option(help="architecture (read from .safetensors when absent)")] = None,
+    clean: Annotated[str | None, typer.Option(help="clean encoder for CA/ASR-B: 'imagenet' or a path")] = None,
+    target_class: Annotated[int | None, typer.Option(help="target class of the first --task")] = None,
+    trigger_size: Annotated[int, typer.Option()] = 10,
+    image_size: Annotated[int, typer.Option()] = 32,
+    probe_epochs: Annotated[int, typer.Option()] = 500,
+    train_limit: Annotated[int | None, typer.Option()] = None,
+    test_limit: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOption = "auto", quiet: QuietOption = False,
+) -> None:
+    """Train downstream classifiers on an encoder and report accuracy (and ASR)."""
+    from sslbackdoor.experiment import run_evaluate_stage
+    from sslbackdoor.progress import set_quiet
+
+    set_quiet(quiet)
+    results = run_evaluate_stage(encoder, task, out, arch=arch, clean=clean,
+                                 target_class=target_class, trigger_size=trigger_size,
+                                 image_size=image_size, probe_epochs=probe_epochs,
+                                 train_limit=train_limit, test_limit=test_limit, seed=seed,
+                                 device=device)
+    typer.echo(json.dumps(results["tasks"], indent=2))
+
+
+@app.command()
+def report(folders: Annotated[list[Path], typer.Argument(help="run folders with results.json")]) -> None:
+    """Re-render report.md from each folder's results.json."""
+    from sslbackdoor.engine import atomic_write_text
+    from sslbackdoor.report import render_report
+
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise UserInputError(f"no results.json in {folder}")
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path} is not valid JSON ({exc})") from None
+        atomic_write_text(folder / "report.md", render_report(results))
+        typer.echo(f"wrote {folder / 'report.md'}")
+
+
+@data_app.command("prepare")
+def data_prepare(root: Annotated[Path | None, typer.Option(help="data folder")] = None) -> None:
+    """Unpack the offline datasets where the loaders look (run by `make data`)."""
+    from sslbackdoor.data.datasets import data_dir
+    from sslbackdoor.data.offline import prepare_offline_data
+
+    for line in prepare_offline_data(root or data_dir()):
+        typer.echo(line)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List registered datasets."""
+    from sslbackdoor.data.datasets import DATASETS, dataset_names
+
+    for name in dataset_names():
+        entry = DATASETS[name]
+        typer.echo(f"{name:18s} splits={','.join(entry.splits):22s} {entry.description}")
+
+
+@app.command()
+def encoders() -> None:
+    """List registered encoder architectures."""
+    from sslbackdoor.models.encoders import ENCODERS
+
+    for name, factory in sorted(ENCODERS.items()):
+        typer.echo(f"{name:18s} {factory.description}")
+    typer.echo(f"{'clip:ARCH':18s} an open_clip image tower (pip install open_clip_torch)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input → exit 2 with one line; nothing else is swallowed."""
+    try:
+        app(args=argv, prog_name="sslbackdoor", standalone_mode=False)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Experiment configuration: pydantic models, YAML in, fully resolved YAML out.
+
+Every field is validated on load and a bad one is reported in one line naming its path
+(`attack.lr: Input should be greater than 0`). `--set a.b=value` overrides any field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sslbackdoor.attacks.badencoder import BadEncoderConfig
+from sslbackdoor.data.triggers import TriggerSpec
+from sslbackdoor.downstream.probe import ProbeConfig
+from sslbackdoor.errors import UserInputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderSpec(Strict):
+    arch: str = Field(..., description="registered encoder, e.g. torchvision:mobilenet_v2")
+    weights: str | None = Field("imagenet", description="'imagenet', a checkpoint path, or null")
+
+
+class DataSource(Strict):
+    dataset: str
+    split: Literal["train", "test", "unlabeled"] = "train"
+    limit: int | None = Field(None, ge=1)
+    root: str | None = None
+
+
+class ReferenceSpec(Strict):
+    """Where reference inputs of the target class come from (never a task's test set)."""
+
+    dataset: str
+    split: Literal["train", "test", "unlabeled"] = "train"
+    count: int = Field(1, ge=1)
+    label: int | None = Field(None, ge=0, description="class index in this dataset "
+                                                      "(default: the target class)")
+    root: str | None = None
+
+
+class TargetSpec(Strict):
+    task: str = Field(..., description="downstream dataset whose class is targeted")
+    target_class: int = Field(..., ge=0)
+    trigger: TriggerSpec = TriggerSpec()
+    references: ReferenceSpec
+
+
+class TaskSpec(Strict):
+    dataset: str
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    root: str | None = None
+
+
+class DownstreamSpec(Strict):
+    tasks: list[TaskSpec] = Field(default_factory=list,
+                                  description="extra tasks; every target task is evaluated")
+    probe: ProbeConfig = ProbeConfig()
+    train_limit: int | None = Field(None, ge=1, description="default per-task train subset")
+    test_limit: int | None = Field(None, ge=1, description="default per-task test subset")
+
+
+class ExperimentConfig(Strict):
+    """A BadEncoder experiment: attack a clean encoder, then evaluate every task."""
+
+    name: str = "badencoder"
+    kind: Literal["badencoder"] = "badencoder"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int = Field(32, ge=8, description="side of every image the encoder sees")
+    data_root: str | None = Field(None, description="default root of datasets ($SSLBACKDOOR_DATA)")
+    encoder: EncoderSpec
+    shadow: list[DataSource] = Field(..., min_length=1)
+    targets: list[TargetSpec] = Field(..., min_length=1)
+    attack: BadEncoderConfig = BadEncoderConfig()
+    downstream: DownstreamSpec = DownstreamSpec()
+
+    @model_validator(mode="after")
+    def _shadow_disjoint_from_tests(self) -> ExperimentConfig:
+        test_sets = {t.dataset for t in self.all_tasks()}
+        for source in self.shadow:
+            if source.split == "test" and source.dataset in test_sets:
+                raise ValueError(f"shadow source {source.dataset}/test is a downstream test "
+                                 f"set; use its train or unlabeled split")
+        for target in self.targets:
+            if target.references.split == "test" and target.references.dataset == target.task:
+                raise ValueError(f"references for {target.task} come from its own test set; "
+                                 f"take them from its train split or another source")
+        return self
+
+    def all_tasks(self) -> list[TaskSpec]:
+        """Target tasks first (in order), then any extra tasks, without repeats."""
+        seen: dict[str, TaskSpec] = {}
+        for task in self.downstream.tasks:
+            seen.setdefault(task.dataset, task)
+        ordered = [seen.get(t.task, TaskSpec(dataset=t.task)) for t in self.targets]
+        names = [t.dataset for t in ordered]
+        ordered = [t for i, t in enumerate(ordered) if t.dataset not in names[:i]]
+        return ordered + [t for t in self.downstream.tasks if t.dataset not in names]
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    extra = f" ({len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    return f"{source}: {location}: {first['msg']}{extra}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=value` strings → nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. attack.epochs=5")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        elif isinstance(merged.get(key), list) and isinstance(value, dict):
+            merged[key] = _merge_list(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_list(items: list[Any], override: dict[str, Any]) -> list[Any]:
+    """`targets.0.target_class=3` indexes into lists."""
+    items = list(items)
+    for index, value in override.items():
+        if not index.isdigit() or int(index) >= len(items):
+            raise UserInputError(f"--set: list index {index!r} is out of range 0..{len(items) - 1}")
+        position = int(index)
+        items[position] = (deep_merge(items[position], value) if isinstance(value, dict)
+                           and isinstance(items[position], dict) else value)
+    return items
+
+
+def load_config(source: dict[str, Any] | Path, overrides: list[str] | None = None,
+                label: str | None = None) -> ExperimentConfig:
+    """Validate a config dict or YAML file (plus `--set` overrides) into an ExperimentConfig."""
+    if isinstance(source, Path):
+        label = label or str(source)
+        raw = read_yaml(source)
+    else:
+        raw = source
+    merged = deep_merge(raw, parse_overrides(overrides or []))
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise UserInputError(format_validation_error(exc, label or "config")) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} must hold a YAML mapping at the top level")
+    return data
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Datasets, triggers and augmentations."""

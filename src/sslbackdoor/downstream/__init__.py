@@ -1,0 +1,1 @@
+"""Downstream evaluation on frozen encoders: cached features, MLP/linear probes, zero-shot."""

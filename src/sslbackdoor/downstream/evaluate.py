@@ -1,0 +1,84 @@
+"""The papers' evaluation: CA, BA, ASR-B and ASR of downstream classifiers.
+
+For each downstream task a classifier is trained on the frozen features of the clean
+encoder and another on those of the backdoored encoder, with the same seed and data;
+both are then tested on clean and triggered test inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sslbackdoor.data.datasets import load_dataset
+from sslbackdoor.data.triggers import Trigger
+from sslbackdoor.downstream.features import dataset_tensors, encode
+from sslbackdoor.downstream.probe import ProbeConfig, predict, train_probe
+from sslbackdoor.errors import UserInputError
+from sslbackdoor.metrics import accuracy, attack_success_rate
+from sslbackdoor.models.encoders import Encoder
+
+
+@dataclass
+class TaskData:
+    """A downstream task's images (uint8 [N,3,S,S]) and labels, loaded once."""
+
+    name: str
+    classes: list[str]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    provenance: dict[str, str]
+
+
+def load_task(dataset: str, image_size: int, *, root: str | Path | None = None,
+              train_limit: int | None = None, test_limit: int | None = None,
+              seed: int = 0) -> TaskData:
+    train = load_dataset(dataset, "train", image_size=image_size, root=root, limit=train_limit,
+                         seed=seed)
+    test = load_dataset(dataset, "test", image_size=image_size, root=root, limit=test_limit,
+                        seed=seed)
+    train_images, train_labels = dataset_tensors(train)
+    test_images, test_labels = dataset_tensors(test)
+    return TaskData(dataset, list(train.classes), train_images, train_labels, test_images,
+                    test_labels, {"train": train.provenance, "test": test.provenance})
+
+
+def check_target_class(task: str, classes: Sequence[str], target_class: int) -> None:
+    if not 0 <= target_class < len(classes):
+        raise UserInputError(f"target class {target_class} is out of range for {task}: "
+                             f"valid 0..{len(classes) - 1} ({', '.join(classes[:12])}"
+                             f"{'…' if len(classes) > 12 else ''})")
+
+
+@dataclass
+class EncoderOnTask:
+    """One encoder's downstream classifier on one task."""
+
+    accuracy: float
+    asr: float | None
+    asr_all: float | None
+    triggered_features: torch.Tensor | None  # [N,D] normalised, for similarity plots
+
+
+def evaluate_encoder(encoder: Encoder, task: TaskData, probe: ProbeConfig, device: torch.device,
+                     *, seed: int = 0, trigger: Trigger | None = None,
+                     target_class: int | None = None, precision: str = "bf16") -> EncoderOnTask:
+    """Train the downstream classifier on `encoder`'s features and test it."""
+    train_features = encode(encoder, task.train_images, device, precision=precision)
+    test_features = encode(encoder, task.test_images, device, precision=precision)
+    classifier = train_probe(train_features, task.train_labels, len(task.classes), probe, seed)
+    result = EncoderOnTask(accuracy(predict(classifier, test_features), task.test_labels),
+                           None, None, None)
+    if trigger is not None and target_class is not None:
+        triggered = encode(encoder, task.test_images, device, trigger=trigger, precision=precision)
+        predictions = predict(classifier, triggered)
+        result.asr = attack_success_rate(predictions, task.test_labels, target_class)
+        result.asr_all = attack_success_rate(predictions, task.test_labels, target_class,
+                                             exclude_target=False)
+        result.triggered_features = triggered
+    return result

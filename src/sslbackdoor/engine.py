@@ -1,0 +1,92 @@
+"""Device, precision, seeding and crash-safe file writes shared by every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sslbackdoor.errors import UserInputError
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map the one `--device auto|cpu|cuda` setting to a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserInputError("--device cuda was asked for but no CUDA GPU is visible; "
+                                 "use --device cpu or auto")
+        return torch.device(name)
+    raise UserInputError(f"unknown device {name!r}; valid: auto, cpu, cuda")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU and CUDA: the measured fast path for conv nets on both."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def prepare_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a conv net to `device` in channels_last memory format (faster with bf16)."""
+    return module.to(device).to(memory_format=torch.channels_last)
+
+
+def to_device_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 or float images [B,3,H,W] → float32 in [0,1] on `device`, channels_last."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch.Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Temporarily put a module in eval mode, restoring its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

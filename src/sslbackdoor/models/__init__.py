@@ -1,0 +1,1 @@
+"""Encoders, their registry and safe checkpoint IO."""

