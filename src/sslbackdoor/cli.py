@@ -49,21 +49,17 @@ def resolve_experiment(name_or_path: str) -> Path:
 
 def _run_config(path: Path, out: Path, overrides: list[str], device: str, quiet: bool,
                 resume: bool) -> None:
-    from sslbackdoor.config import load_config
-    from sslbackdoor.experiment import run_badencoder_experiment
+    from sslbackdoor.config import merged_config
     from sslbackdoor.progress import set_quiet
+    from sslbackdoor.runners import run_experiment
 
     set_quiet(quiet)
     extra = [f"device={device}"] if device != "auto" else []
-    config = load_config(path, [*overrides, *extra])
-    _refuse_foreign_out(out, resume)
-    results = run_badencoder_experiment(config, out, resume=resume)
-    _print_summary(results, out)
-
-
-def _refuse_foreign_out(out: Path, resume: bool) -> None:
+    raw = merged_config(path, [*overrides, *extra])
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
+    results = run_experiment(raw, out, resume=resume, label=str(path))
+    _print_summary(results, out)
 
 
 def _print_summary(results: dict[str, Any], out: Path) -> None:
@@ -77,8 +73,8 @@ def _print_summary(results: dict[str, Any], out: Path) -> None:
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.2f}"
 
-    for task in results["tasks"]:
-        table.add_row(task["task"], str(task["target_name"] or "–"), pct(task["ca"]),
+    for task in results.get("tasks", []):
+        table.add_row(task["task"], str(task.get("target_name") or "–"), pct(task["ca"]),
                       pct(task["ba"]), pct(task["asr_b"]), pct(task["asr"]))
     console = Console()
     console.print(table)

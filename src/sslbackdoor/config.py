@@ -152,19 +152,21 @@ def _merge_list(items: list[Any], override: dict[str, Any]) -> list[Any]:
     return items
 
 
+def merged_config(source: dict[str, Any] | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A config dict or YAML file with `--set KEY=VALUE` overrides applied (not validated)."""
+    raw = read_yaml(source) if isinstance(source, Path) else source
+    return deep_merge(raw, parse_overrides(overrides or []))
+
+
 def load_config(source: dict[str, Any] | Path, overrides: list[str] | None = None,
                 label: str | None = None) -> ExperimentConfig:
-    """Validate a config dict or YAML file (plus `--set` overrides) into an ExperimentConfig."""
-    if isinstance(source, Path):
-        label = label or str(source)
-        raw = read_yaml(source)
-    else:
-        raw = source
-    merged = deep_merge(raw, parse_overrides(overrides or []))
+    """Validate a BadEncoder config dict or YAML file (plus `--set` overrides)."""
+    merged = merged_config(source, overrides)
+    label = label or (str(source) if isinstance(source, Path) else "config")
     try:
         return ExperimentConfig.model_validate(merged)
     except ValidationError as exc:
-        raise UserInputError(format_validation_error(exc, label or "config")) from None
+        raise UserInputError(format_validation_error(exc, label)) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -179,5 +181,5 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def dump_config(config: ExperimentConfig) -> str:
+def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -36,6 +36,7 @@ from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder, save_encoder
 from sslbackdoor.models.encoders import Encoder
 from sslbackdoor.progress import log
+from sslbackdoor.runners import register_kind
 
 RESULTS_SCHEMA = "sslbackdoor.results/1"
 
@@ -300,3 +301,10 @@ def run_evaluate_stage(encoder_path: Path, task_names: list[str], out_dir: Path,
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def _run_kind(config: ExperimentConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
+    return run_badencoder_experiment(config, out_dir, resume)
+
+
+register_kind("badencoder", ExperimentConfig, _run_kind)

@@ -1,0 +1,61 @@
+"""Registry of experiment kinds: `kind:` in a YAML file picks the config model and runner.
+
+Each kind registers itself from its own module (`register_kind`); `run_experiment` loads
+the module lazily, validates the file against the kind's pydantic model and runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from sslbackdoor.errors import UserInputError
+
+Runner = Callable[[Any, Path, bool], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ExperimentKind:
+    config_model: type[BaseModel]
+    run: Runner  # (validated config, output folder, resume) → results dict
+
+
+KINDS: dict[str, ExperimentKind] = {}
+
+# Modules that register kinds; imported on first use so the CLI starts fast.
+KIND_MODULES = {"badencoder": "sslbackdoor.experiment"}
+
+
+def register_kind(name: str, config_model: type[BaseModel], run: Runner) -> None:
+    KINDS[name] = ExperimentKind(config_model, run)
+
+
+def experiment_kind(name: str) -> ExperimentKind:
+    if name not in KINDS and name in KIND_MODULES:
+        importlib.import_module(KIND_MODULES[name])
+    if name not in KINDS:
+        raise UserInputError(f"unknown experiment kind {name!r}; valid: "
+                             f"{', '.join(sorted(KIND_MODULES))}")
+    return KINDS[name]
+
+
+def validate_experiment(raw: dict[str, Any], label: str) -> tuple[ExperimentKind, BaseModel]:
+    from sslbackdoor.config import format_validation_error
+
+    kind = experiment_kind(str(raw.get("kind", "badencoder")))
+    try:
+        return kind, kind.config_model.model_validate(raw)
+    except ValidationError as exc:
+        raise UserInputError(format_validation_error(exc, label)) from None
+
+
+def run_experiment(raw: dict[str, Any], out_dir: Path, resume: bool = False,
+                   label: str = "config") -> dict[str, Any]:
+    """Validate and run an experiment given as a (merged) config dict."""
+    kind, config = validate_experiment(raw, label)
+    return kind.run(config, out_dir, resume)
