@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sslbackdoor.attacks.badencoder import BadEncoderConfig
 from sslbackdoor.data.triggers import TriggerSpec
 from sslbackdoor.downstream.probe import ProbeConfig
-from sslbackdoor.errors import UserInputError
+from sslbackdoor.errors import UserInputError, first_line
 
 
 class Strict(BaseModel):
@@ -175,7 +175,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserInputError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserInputError(f"{path} is not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise UserInputError(f"{path} must hold a YAML mapping at the top level")
     return data

@@ -8,3 +8,11 @@ what would be valid. The CLI turns it into exit code 2 without a traceback.
 
 class UserInputError(ValueError):
     """Bad input from the user; the message is one line, shown verbatim."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message (or its type), for one-line errors."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

@@ -132,13 +132,13 @@ class AttackStage:
 
 
 def run_attack_stage(config: ExperimentConfig, out_dir: Path, resume: bool = False,
-                     tasks: dict[str, TaskData] | None = None) -> AttackStage:
+                     prepared: PreparedAttack | None = None) -> AttackStage:
     """Attack and save `backdoored_encoder.safetensors` (checkpointing every epoch)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    prepared = prepare_attack(config, tasks)
+    prepared = prepared or prepare_attack(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     log(f"BadEncoder: {len(prepared.targets)} target(s), {prepared.shadow.shape[0]} shadow "
         f"images, {config.attack.epochs} epochs on {device}")
     attack = BadEncoderAttack(prepared.clean, prepared.targets, config.attack, device,
@@ -162,19 +162,22 @@ def load_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
 
 def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
                               resume: bool = False) -> dict[str, Any]:
-    """The full pipeline; returns the results dict also written to results.json."""
+    """The full pipeline; returns the results dict also written to results.json.
+
+    Every input is loaded and validated before anything is written to `out_dir`.
+    """
+    timings = Timings()
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    tasks = load_tasks(config)
+    prepared = prepare_attack(config, tasks)
+    timings.measure("load_data", started)
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_config(config))
-    timings = Timings()
-    device = resolve_device(config.device)
-
     started = time.perf_counter()
-    tasks = load_tasks(config)
-    timings.measure("load_data", started)
-
-    started = time.perf_counter()
-    stage = run_attack_stage(config, out_dir, resume, tasks)
+    stage = run_attack_stage(config, out_dir, resume, prepared)
     timings.measure("attack", started)
 
     started = time.perf_counter()

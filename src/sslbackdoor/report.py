@@ -99,7 +99,10 @@ def render_report(results: dict[str, Any]) -> str:
 
 def _provenance_lines(results: dict[str, Any]) -> str:
     provenance = results["provenance"]
-    lines = [f"- encoder: {provenance['encoder']}"]
+    encoder = provenance["encoder"]
+    lines = [f"- encoder: `{encoder['arch']}` weights {encoder['weights']}"
+             + (f" from {encoder['file']}" if "file" in encoder else "")
+             + (f", sha256 {encoder['sha256']}" if "sha256" in encoder else "")]
     lines += [f"- shadow: {s['images']} images from {s['dataset']}/{s['split']} — {s['source']}"
               for s in provenance["shadow"]]
     lines += [f"- references for target {i}: {r['dataset']}/{r['split']} class {r['label']} "

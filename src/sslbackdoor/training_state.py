@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sslbackdoor.engine import atomic_write
-from sslbackdoor.errors import UserInputError
+from sslbackdoor.errors import UserInputError, first_line
 
 
 @dataclass
@@ -60,7 +60,7 @@ def load_training_state(path: Path, model: torch.nn.Module,
         model.load_state_dict(model_state)
     except RuntimeError as exc:
         raise UserInputError(f"cannot resume from {path}: the model does not match "
-                             f"({str(exc).splitlines()[0]})") from None
+                             f"({first_line(exc)})") from None
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -199,8 +199,9 @@ def load_dataset(name: str, split: Split = "train", *, image_size: int | None = 
     """
     _ensure_sources_registered()
     kind, _, arg = name.partition(":")
-    key = f"{kind}:" if arg else name
-    entry = DATASETS.get(key)
+    # `kind:ARG` builders take ARG; a plain source may take an optional one (natural-crops:N).
+    entry = DATASETS.get(f"{kind}:") if arg else None
+    entry = entry or DATASETS.get(kind)
     if entry is None:
         raise UserInputError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}")
     if split not in entry.splits:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from sslbackdoor.engine import atomic_write
-from sslbackdoor.errors import UserInputError
+from sslbackdoor.errors import UserInputError, first_line
 from sslbackdoor.models.encoders import Encoder, build_encoder
 
 FORMAT_VERSION = "1"
@@ -104,7 +104,7 @@ def load_encoder(weights: str | Path | None, arch: str | None = None) -> Encoder
         if arch and stored_arch and arch != stored_arch:
             raise UserInputError(f"{path} holds a {stored_arch!r} encoder, not {arch!r}")
         encoder = build_encoder(_require_arch(arch or stored_arch, str(path)))
-        state = load_file(str(path))
+        state = convert_state_dict(load_file(str(path)))  # also full CLIP .safetensors files
         _load_state(encoder, state, path)
         return encoder
     encoder = build_encoder(_require_arch(arch, str(path)))
@@ -124,13 +124,15 @@ def load_torch_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        if "Weights only load failed" not in str(exc):
+            raise UserInputError(f"{path} is not a readable PyTorch checkpoint "
+                                 f"({first_line(exc)})") from None
         raise UserInputError(f"{path} refused: it contains pickled objects other than tensors, "
-                             f"which could run code ({first[:160]}); convert it to "
-                             f".safetensors from a trusted environment") from None
+                             f"which could run code; convert it to .safetensors in a trusted "
+                             f"environment") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserInputError(f"{path} is not a readable PyTorch checkpoint "
-                             f"({str(exc).splitlines()[0][:160]})") from None
+                             f"({first_line(exc)})") from None
 
 
 def encoder_state_from_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -144,10 +146,19 @@ def encoder_state_from_torch_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename reference-code (`f.f.<i>.`), DataParallel (`module.`) or plain keys."""
+    """Rename reference-code (`f.f.<i>.`), DataParallel (`module.`) or plain keys.
+
+    A full open_clip model (keys `visual.*`) keeps only its image tower: `visual.X` →
+    `backbone.X`; text-tower keys and `logit_scale` are dropped.
+    """
     converted: dict[str, torch.Tensor] = {}
+    clip_model = any(key.removeprefix("module.").startswith("visual.") for key in state)
     for key, value in state.items():
         key = key.removeprefix("module.")
+        if clip_model:
+            if key.startswith("visual."):
+                converted[f"backbone.{key.removeprefix('visual.')}"] = value
+            continue
         if key.startswith("g."):
             continue  # SimCLR projection head: downstream never uses it
         if key.startswith("f.f."):
