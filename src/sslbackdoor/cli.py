@@ -27,6 +27,8 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a c
 DeviceOption = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress output")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="continue from the last epoch checkpoint in --out")]
+DownloadOption = Annotated[bool, typer.Option("--download", help="let torchvision download missing datasets (needs internet)")]
+DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="where datasets live (default $SSLBACKDOOR_DATA or ./data)")]
 
 
 def shipped_experiments() -> dict[str, Path]:
@@ -48,13 +50,15 @@ def resolve_experiment(name_or_path: str) -> Path:
 
 
 def _run_config(path: Path, out: Path, overrides: list[str], device: str, quiet: bool,
-                resume: bool) -> None:
+                resume: bool, download: bool = False, data_root: Path | None = None) -> None:
     from sslbackdoor.config import merged_config
     from sslbackdoor.progress import set_quiet
     from sslbackdoor.runners import run_experiment
 
     set_quiet(quiet)
     extra = [f"device={device}"] if device != "auto" else []
+    extra += ["download=true"] if download else []
+    extra += [f"data_root={data_root}"] if data_root else []
     raw = merged_config(path, [*overrides, *extra])
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
@@ -93,7 +97,8 @@ def demo(out: OutOption = Path("runs/demo"), device: DeviceOption = "auto",
 def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or YAML path")] = None,
         out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
         set_: SetOption = None, device: DeviceOption = "auto", resume: ResumeOption = False,
-        quiet: QuietOption = False,
+        quiet: QuietOption = False, download: DownloadOption = False,
+        data_root: DataRootOption = None,
         list_: Annotated[bool, typer.Option("--list", help="list shipped experiments")] = False) -> None:
     """Run an experiment file (or a shipped experiment by name)."""
     if list_ or experiment is None:
@@ -103,7 +108,8 @@ def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or Y
         return
     if out is None:
         raise UserInputError("--out DIR is required to run an experiment")
-    _run_config(resolve_experiment(experiment), out, set_ or [], device, quiet, resume)
+    _run_config(resolve_experiment(experiment), out, set_ or [], device, quiet, resume,
+                download, data_root)
 
 
 @attack_app.command("badencoder")
@@ -185,12 +191,32 @@ def evaluate(
     test_limit: Annotated[int | None, typer.Option()] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOption = "auto", quiet: QuietOption = False,
+    zero_shot: Annotated[bool, typer.Option(
+        "--zero-shot", help="classify with the CLIP text tower instead of training an MLP "
+                            "(needs --arch clip:ARCH)")] = False,
+    template: Annotated[list[str] | None, typer.Option(
+        help="zero-shot prompt with {} for the class name, repeatable")] = None,
+    clip_weights: Annotated[str | None, typer.Option(
+        help="zero-shot text tower: full CLIP weights file or open_clip tag "
+             "(default: --clean)")] = None,
 ) -> None:
     """Train downstream classifiers on an encoder and report accuracy (and ASR)."""
     from sslbackdoor.experiment import run_evaluate_stage
     from sslbackdoor.progress import set_quiet
 
     set_quiet(quiet)
+    if (template or clip_weights) and not zero_shot:
+        raise UserInputError("--template and --clip-weights only apply with --zero-shot")
+    if zero_shot:
+        from sslbackdoor.downstream.zeroshot import run_zero_shot_stage
+
+        results = run_zero_shot_stage(encoder, task, out, arch=arch, clean=clean,
+                                      clip_weights=clip_weights, templates=template or [],
+                                      target_class=target_class, trigger_size=trigger_size,
+                                      image_size=image_size, test_limit=test_limit,
+                                      seed=seed, device=device)
+        typer.echo(json.dumps(results["tasks"], indent=2))
+        return
     results = run_evaluate_stage(encoder, task, out, arch=arch, clean=clean,
                                  target_class=target_class, trigger_size=trigger_size,
                                  image_size=image_size, probe_epochs=probe_epochs,

@@ -31,6 +31,7 @@ from sslbackdoor.downstream.evaluate import (
     load_task,
 )
 from sslbackdoor.downstream.features import dataset_tensors, encode
+from sslbackdoor.downstream.zeroshot import prepare_zero_shot, zero_shot_for_experiment
 from sslbackdoor.engine import atomic_write_text, resolve_device, seed_everything
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder, save_encoder
@@ -59,7 +60,7 @@ def load_shadow(config: ExperimentConfig) -> tuple[torch.Tensor, list[dict[str, 
     for source in config.shadow:
         dataset = load_dataset(source.dataset, source.split, image_size=config.image_size,
                                root=source.root or config.data_root, limit=source.limit,
-                               seed=config.seed)
+                               seed=config.seed, download=config.download)
         source_images, _ = dataset_tensors(dataset)
         images.append(source_images)
         provenance.append({"dataset": source.dataset, "split": source.split,
@@ -73,7 +74,7 @@ def load_references(config: ExperimentConfig, index: int) -> tuple[torch.Tensor,
     spec = target.references
     label = spec.label if spec.label is not None else target.target_class
     dataset = load_dataset(spec.dataset, spec.split, image_size=config.image_size,
-                           root=spec.root or config.data_root)
+                           root=spec.root or config.data_root, download=config.download)
     members = torch.nonzero(dataset_labels(dataset) == label).flatten()
     if members.numel() < spec.count:
         raise UserInputError(f"targets.{index}.references: {spec.dataset}/{spec.split} has "
@@ -109,7 +110,8 @@ def prepare_attack(config: ExperimentConfig, tasks: dict[str, TaskData] | None =
     for index, target in enumerate(config.targets):
         classes = (tasks[target.task].classes if tasks and target.task in tasks
                    else list(load_dataset(target.task, "test", image_size=config.image_size,
-                                          root=config.data_root).classes))
+                                          root=config.data_root,
+                                          download=config.download).classes))
         check_target_class(target.task, classes, target.target_class)
         references, provenance = load_references(config, index)
         reference_provenance.append(provenance)
@@ -156,7 +158,7 @@ def load_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
                                     root=spec.root or config.data_root,
                                     train_limit=spec.train_limit or config.downstream.train_limit,
                                     test_limit=spec.test_limit or config.downstream.test_limit,
-                                    seed=config.seed)
+                                    seed=config.seed, download=config.download)
             for spec in config.all_tasks()}
 
 
@@ -171,6 +173,7 @@ def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
     started = time.perf_counter()
     tasks = load_tasks(config)
     prepared = prepare_attack(config, tasks)
+    zero_shot_plan = prepare_zero_shot(config, tasks, device)  # None unless zero_shot is set
     timings.measure("load_data", started)
 
     out_dir = Path(out_dir)
@@ -183,6 +186,8 @@ def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
     started = time.perf_counter()
     task_results, similarities = evaluate_all(config, tasks, stage.prepared.targets,
                                               stage.attack.clean, stage.result.encoder, device)
+    zero_shot = zero_shot_for_experiment(config, zero_shot_plan, tasks, stage.prepared.targets,
+                                         stage.attack.clean, stage.result.encoder, device)
     timings.measure("evaluate", started)
 
     results = {
@@ -203,6 +208,8 @@ def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
         "environment": environment(device),
         "timings_s": timings.seconds,
     }
+    if zero_shot is not None:
+        results["zero_shot"] = zero_shot
     write_outputs(out_dir, results, similarities)
     return results
 

@@ -8,7 +8,7 @@ both are then tested on clean and triggered test inputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,11 +37,11 @@ class TaskData:
 
 def load_task(dataset: str, image_size: int, *, root: str | Path | None = None,
               train_limit: int | None = None, test_limit: int | None = None,
-              seed: int = 0) -> TaskData:
+              seed: int = 0, download: bool = False) -> TaskData:
     train = load_dataset(dataset, "train", image_size=image_size, root=root, limit=train_limit,
-                         seed=seed)
+                         seed=seed, download=download)
     test = load_dataset(dataset, "test", image_size=image_size, root=root, limit=test_limit,
-                        seed=seed)
+                        seed=seed, download=download)
     train_images, train_labels = dataset_tensors(train)
     test_images, test_labels = dataset_tensors(test)
     return TaskData(dataset, list(train.classes), train_images, train_labels, test_images,
@@ -62,7 +62,8 @@ class EncoderOnTask:
     accuracy: float
     asr: float | None
     asr_all: float | None
-    triggered_features: torch.Tensor | None  # [N,D] normalised, for similarity plots
+    # [N,D] normalised triggered-test features, for similarity plots
+    triggered_features: torch.Tensor | None = field(default=None, repr=False)
 
 
 def evaluate_encoder(encoder: Encoder, task: TaskData, probe: ProbeConfig, device: torch.device,
