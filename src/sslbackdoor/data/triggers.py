@@ -99,7 +99,7 @@ class Trigger:
         mask = torch.zeros(1, height, width)
         mask[:, row:row + spec.size, col:col + spec.size] = spec.alpha if spec.mode == "blend" else 1.0
         pattern = torch.zeros(3, height, width)
-        pattern[:, row:row + spec.size, col:col + spec.size] = _patch_pattern(spec)
+        pattern[:, row:row + spec.size, col:col + spec.size] = patch_pattern(spec)
         return cls(mask, pattern)
 
     @classmethod
@@ -148,7 +148,8 @@ def _top_left(spec: TriggerSpec, height: int, width: int) -> tuple[int, int]:
     return row, col
 
 
-def _patch_pattern(spec: TriggerSpec) -> torch.Tensor:
+def patch_pattern(spec: TriggerSpec) -> torch.Tensor:
+    """The trigger patch itself: float [3,size,size] in [0,1]."""
     size = spec.size
     if spec.pattern == "white":
         return torch.ones(3, size, size)
