@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sslbackdoor.attacks.cli import poison_app
 from sslbackdoor.errors import UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +22,7 @@ attack_app = typer.Typer(no_args_is_help=True, help="Run an attack and save the 
 data_app = typer.Typer(no_args_is_help=True, help="Offline data set-up and listings.")
 app.add_typer(attack_app, name="attack")
 app.add_typer(data_app, name="data")
+app.add_typer(poison_app, name="poison")
 
 OutOption = Annotated[Path, typer.Option("--out", help="output folder")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config field: KEY=VALUE")]

@@ -59,12 +59,35 @@ class TaskSpec(Strict):
     root: str | None = None
 
 
+class ZeroShotSpec(Strict):
+    """Zero-shot CLIP classifiers (text tower of the CLIP encoder) evaluated after the attack."""
+
+    templates: list[str] = Field(default_factory=list,
+                                 description="prompts with {} for the class name; empty: "
+                                             "'A photo of a {}.' ('A traffic sign photo "
+                                             "of a {}.' for gtsrb)")
+    tasks: list[str] = Field(default_factory=list,
+                             description="evaluated tasks to classify zero-shot; empty: all")
+    clip_weights: str | None = Field(None, description="full CLIP weights file or open_clip "
+                                                       "tag for the text tower "
+                                                       "(default: encoder.weights)")
+
+    @model_validator(mode="after")
+    def _templates_have_placeholders(self) -> ZeroShotSpec:
+        from sslbackdoor.downstream.zeroshot import normalise_templates
+
+        normalise_templates(self.templates)  # UserInputError is a ValueError: reported here
+        return self
+
+
 class DownstreamSpec(Strict):
     tasks: list[TaskSpec] = Field(default_factory=list,
                                   description="extra tasks; every target task is evaluated")
     probe: ProbeConfig = ProbeConfig()
     train_limit: int | None = Field(None, ge=1, description="default per-task train subset")
     test_limit: int | None = Field(None, ge=1, description="default per-task test subset")
+    zero_shot: ZeroShotSpec | None = Field(None, description="also classify zero-shot with "
+                                                             "the CLIP text tower (clip: only)")
 
 
 class ExperimentConfig(Strict):
@@ -76,6 +99,7 @@ class ExperimentConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(32, ge=8, description="side of every image the encoder sees")
     data_root: str | None = Field(None, description="default root of datasets ($SSLBACKDOOR_DATA)")
+    download: bool = Field(False, description="let torchvision download missing datasets")
     encoder: EncoderSpec
     shadow: list[DataSource] = Field(..., min_length=1)
     targets: list[TargetSpec] = Field(..., min_length=1)
@@ -93,6 +117,21 @@ class ExperimentConfig(Strict):
             if target.references.split == "test" and target.references.dataset == target.task:
                 raise ValueError(f"references for {target.task} come from its own test set; "
                                  f"take them from its train split or another source")
+        return self
+
+    @model_validator(mode="after")
+    def _zero_shot_needs_clip(self) -> ExperimentConfig:
+        spec = self.downstream.zero_shot
+        if spec is None:
+            return self
+        if not self.encoder.arch.startswith("clip:"):
+            raise ValueError(f"downstream.zero_shot needs a CLIP encoder (encoder.arch "
+                             f"clip:ARCH, e.g. clip:RN50), not {self.encoder.arch!r}")
+        evaluated = [t.dataset for t in self.all_tasks()]
+        unknown = [name for name in spec.tasks if name not in evaluated]
+        if unknown:
+            raise ValueError(f"downstream.zero_shot.tasks {unknown} are not evaluated; "
+                             f"valid: {', '.join(evaluated)} (or add them to downstream.tasks)")
         return self
 
     def all_tasks(self) -> list[TaskSpec]:

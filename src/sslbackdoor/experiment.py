@@ -32,7 +32,7 @@ from sslbackdoor.downstream.evaluate import (
 )
 from sslbackdoor.downstream.features import dataset_tensors, encode
 from sslbackdoor.downstream.zeroshot import prepare_zero_shot, zero_shot_for_experiment
-from sslbackdoor.engine import atomic_write_text, resolve_device, seed_everything
+from sslbackdoor.engine import atomic_write_text, prepare_module, resolve_device, seed_everything
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder, save_encoder
 from sslbackdoor.models.encoders import Encoder
@@ -283,8 +283,9 @@ def run_evaluate_stage(encoder_path: Path, task_names: list[str], out_dir: Path,
 
     torch_device = resolve_device(device)
     seed_everything(seed)
-    suspect = load_encoder(encoder_path, arch)
-    reference = load_encoder(clean, arch or suspect.name) if clean else None
+    suspect = prepare_module(load_encoder(encoder_path, arch), torch_device)
+    reference = (prepare_module(load_encoder(clean, arch or suspect.name), torch_device)
+                 if clean else None)
     probe = ProbeConfig(epochs=probe_epochs)
     trigger = Trigger.from_spec(TriggerSpec(size=trigger_size), image_size)
     entries = []

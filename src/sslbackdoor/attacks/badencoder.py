@@ -139,7 +139,7 @@ class BadEncoderAttack:
         self.device = device
         self.seed = seed
         self.targets = list(targets)
-        self.clean: Encoder = prepare_module(clean, device).eval()  # type: ignore[assignment]
+        self.clean: Encoder = prepare_module(clean, device).eval()
         for parameter in self.clean.parameters():
             parameter.requires_grad_(False)
         self.backdoored: Encoder = copy.deepcopy(self.clean)

@@ -77,7 +77,7 @@ def build_encoder(name: str) -> Encoder:
 
 
 def encoder_names() -> list[str]:
-    return sorted([*ENCODERS, "clip:"])
+    return sorted({*ENCODERS, "clip:"})
 
 
 def cifar_resnet18_backbone() -> nn.Module:
@@ -91,6 +91,80 @@ def cifar_resnet18_backbone() -> nn.Module:
 @register_encoder("resnet18-cifar", "ResNet18, 3×3 stem, no max-pool, 512-d (BadEncoder/SimCLR)")
 def _resnet18_cifar(_: str | None) -> Encoder:
     return Encoder(cifar_resnet18_backbone(), name="resnet18-cifar", feature_dim=512,
+                   mean=CIFAR10_MEAN, std=CIFAR10_STD, default_image_size=32)
+
+
+# --- small encoders for CPU-scale SimCLR (chosen by benchmarks/simclr_small.py) -------------
+
+SMALL_RESNET_WIDTH = 32  # `resnet-small`: the measured best of the CPU candidates (README)
+
+
+def _int_arg(name: str, arg: str | None, default: int, lowest: int = 1) -> int:
+    if arg is None:
+        return default
+    if not arg.isdigit() or int(arg) < lowest:
+        raise UserInputError(f"encoder {name}:{arg}: the width must be an integer ≥ {lowest}, "
+                             f"e.g. {name}:{default}")
+    return int(arg)
+
+
+def cifar_resnet_backbone(width: int, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> nn.Module:
+    """ResNet with BasicBlocks, 3×3 stride-1 stem, no max-pool and stage widths
+    width·(1, 2, 4, 8): [B,3,H,W] → [B, 8·width]. width=64 is `resnet18-cifar`."""
+    from torchvision.models.resnet import BasicBlock
+
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    channels = width
+    for stage, count in enumerate(blocks):
+        planes, stride = width * 2 ** stage, 1 if stage == 0 else 2
+        for index in range(count):
+            step = stride if index == 0 else 1
+            downsample = None
+            if step != 1 or channels != planes:
+                downsample = nn.Sequential(nn.Conv2d(channels, planes, 1, stride=step, bias=False),
+                                           nn.BatchNorm2d(planes))
+            layers.append(BasicBlock(channels, planes, step, downsample))
+            channels = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+@register_encoder("resnet18-cifar:", "resnet18-cifar at stage widths W·(1,2,4,8): "
+                  "resnet18-cifar:WIDTH, 8·WIDTH-d")
+def _resnet18_cifar_width(arg: str | None) -> Encoder:
+    width = _int_arg("resnet18-cifar", arg, 64)
+    return Encoder(cifar_resnet_backbone(width), name=f"resnet18-cifar:{width}",
+                   feature_dim=8 * width, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                   default_image_size=32)
+
+
+@register_encoder("resnet-small", f"resnet18-cifar at width {SMALL_RESNET_WIDTH}, "
+                  f"{8 * SMALL_RESNET_WIDTH}-d: the CPU-scale SimCLR encoder")
+def _resnet_small(_: str | None) -> Encoder:
+    return Encoder(cifar_resnet_backbone(SMALL_RESNET_WIDTH), name="resnet-small",
+                   feature_dim=8 * SMALL_RESNET_WIDTH, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                   default_image_size=32)
+
+
+def convnet_backbone(width: int) -> nn.Module:
+    """Four conv3×3-BN-ReLU-maxpool stages of width·(1,2,4,8) channels, global average
+    pooling: [B,3,H,W] → [B, 8·width]."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for stage in range(4):
+        out = width * 2 ** stage
+        layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+@register_encoder("convnet:", "4-stage ConvNet, widths W·(1,2,4,8): convnet:WIDTH, 8·WIDTH-d")
+def _convnet(arg: str | None) -> Encoder:
+    width = _int_arg("convnet", arg, 32)
+    return Encoder(convnet_backbone(width), name=f"convnet:{width}", feature_dim=8 * width,
                    mean=CIFAR10_MEAN, std=CIFAR10_STD, default_image_size=32)
 
 

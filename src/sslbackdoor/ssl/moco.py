@@ -37,10 +37,10 @@ def moco_loss(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor,
 @torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, momentum: float = 0.999) -> None:
     """target ← m·target + (1−m)·online for parameters; buffers are copied."""
-    for source, destination in zip(online.parameters(), target.parameters(), strict=True):
-        destination.mul_(momentum).add_(source.detach(), alpha=1 - momentum)
-    for source, destination in zip(online.buffers(), target.buffers(), strict=True):
-        destination.copy_(source)
+    for source, target_parameter in zip(online.parameters(), target.parameters(), strict=True):
+        target_parameter.mul_(momentum).add_(source.detach(), alpha=1 - momentum)
+    for buffer, target_buffer in zip(online.buffers(), target.buffers(), strict=True):
+        target_buffer.copy_(buffer)
 
 
 def momentum_copy(online: nn.Module) -> nn.Module:
