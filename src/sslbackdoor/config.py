@@ -31,6 +31,7 @@ class DataSource(Strict):
     dataset: str
     split: Literal["train", "test", "unlabeled"] = "train"
     limit: int | None = Field(None, ge=1)
+    classes: list[int] | None = Field(None, description="keep only these labels")
     root: str | None = None
 
 

@@ -28,7 +28,8 @@ class ExperimentKind:
 KINDS: dict[str, ExperimentKind] = {}
 
 # Modules that register kinds; imported on first use so the CLI starts fast.
-KIND_MODULES = {"badencoder": "sslbackdoor.experiment"}
+KIND_MODULES = {"badencoder": "sslbackdoor.experiment",
+                "corruptencoder": "sslbackdoor.attacks.poisoning_experiment"}
 
 
 def register_kind(name: str, config_model: type[BaseModel], run: Runner) -> None:

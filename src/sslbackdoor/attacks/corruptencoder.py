@@ -43,6 +43,10 @@ class PoisonLayout(BaseModel):
     max_object_width: int = Field(400, ge=8, description="objects wider than this are downscaled")
     object_height: int | None = Field(None, ge=8, description="resize objects to this height (small scale)")
     mask_blur: float = Field(1.0, ge=0, description="Gaussian blur radius of the paste mask")
+    output_size: int | None = Field(
+        None, ge=8, description="resize the canvas to this square size before the trigger is "
+                                "pasted, so the trigger stays square in a pipeline that "
+                                "resizes every image to a square")
 
 
 @dataclass
@@ -184,10 +188,20 @@ def corruptencoder_poison(obj: ReferenceObject, background: np.ndarray, trigger:
     weight = (np.asarray(alpha, dtype=np.float32) / 255.0)[:, :, None]
     region = canvas[:, x:x + width_obj].astype(np.float32)
     canvas[:, x:x + width_obj] = np.round(weight * obj.image + (1 - weight) * region).astype(np.uint8)
+    if layout.output_size is not None:
+        scale = layout.output_size / width
+        canvas = resize_rgb(canvas, layout.output_size, layout.output_size)
+        x, width_obj = round(x * scale), round(width_obj * scale)
+        width = height = layout.output_size
     tx, ty = trigger_position(x, width_obj, side, width, height, size, layout, rng)
     canvas[ty:ty + size, tx:tx + size] = trigger
     return canvas, {"object_box": (x, 0, width_obj, height), "trigger_box": (tx, ty, size, size),
                     "side": side}
+
+
+def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of uint8 [H,W,3] to [height,width,3]."""
+    return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def trigger_position(x: int, width_obj: int, side: str, width: int, height: int, size: int,
@@ -211,14 +225,16 @@ def trigger_position(x: int, width_obj: int, side: str, width: int, height: int,
     return tx, ty
 
 
-def support_poison(reference: np.ndarray, support: np.ndarray,
-                   rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+def support_poison(reference: np.ndarray, support: np.ndarray, rng: np.random.Generator,
+                   output_size: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """CorruptEncoder+ support poison: support and reference images side by side, no trigger."""
     height, width = reference.shape[:2]
-    resized = np.asarray(Image.fromarray(support).resize((width, height), Image.Resampling.BILINEAR))
+    resized = resize_rgb(support, height, width)
     support_first = bool(rng.random() < 0.5)
-    pair = (resized, reference) if support_first else (reference, resized)
-    return np.concatenate(pair, axis=1), {"side": "support-left" if support_first else "support-right"}
+    pair = np.concatenate((resized, reference) if support_first else (reference, resized), axis=1)
+    if output_size is not None:
+        pair = resize_rgb(pair, output_size, output_size)
+    return pair, {"side": "support-left" if support_first else "support-right"}
 
 
 class PoisonConfig(BaseModel):
@@ -250,7 +266,8 @@ def generate_corruptencoder(references: list[ReferenceObject], backgrounds: list
         name = f"poison_{index:05d}.png"
         if index < support_count:
             support_path = supports[int(rng.integers(0, len(supports)))]
-            image, info = support_poison(references[choice].image, read_rgb(support_path), rng)
+            image, info = support_poison(references[choice].image, read_rgb(support_path), rng,
+                                         config.layout.output_size)
             record = PoisonRecord(name, "support", objects[choice].name, str(support_path), None,
                                   None, info["side"])
         else:

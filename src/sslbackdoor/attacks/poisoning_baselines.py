@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.fft import dctn, idctn
 
 from sslbackdoor.attacks.corruptencoder import (
     PoisonRecord,
     read_rgb,
+    resize_rgb,
     save_png,
     write_manifest,
 )
@@ -46,6 +46,8 @@ class BaselineConfig(BaseModel):
     ctrl_window: int = Field(32, ge=4, description="CTRL: DCT block size")
     ctrl_positions: list[tuple[int, int]] = Field(default=[(15, 15), (31, 31)],
                                                   description="CTRL: coefficient indices per block")
+    output_size: int | None = Field(None, ge=8, description="PoisonedEncoder: square size of "
+                                                            "the pair (trigger pasted after)")
 
 
 def paste_central(image: np.ndarray, trigger: np.ndarray,
@@ -87,16 +89,23 @@ def ctrl_trigger(image: np.ndarray, magnitude: float, window: int,
 
 
 def poisonedencoder_pair(reference: np.ndarray, background: np.ndarray, trigger: np.ndarray,
-                         rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int], str]:
-    """A triggered random image and a reference image, same size, side by side."""
+                         rng: np.random.Generator, output_size: int | None = None
+                         ) -> tuple[np.ndarray, tuple[int, int, int, int], str]:
+    """A triggered random image and a reference image, same size, side by side.
+
+    With `output_size` the pair is resized to a square first and the trigger pasted after,
+    so it keeps its size and shape.
+    """
     height, width = reference.shape[:2]
-    triggered = np.asarray(Image.fromarray(background).resize((width, height),
-                                                              Image.Resampling.BILINEAR))
-    triggered, box = paste_central(triggered, trigger, rng)
-    if rng.random() < 0.5:
-        return np.concatenate([triggered, reference], axis=1), box, "trigger-left"
-    x, y, w, h = box
-    return np.concatenate([reference, triggered], axis=1), (x + width, y, w, h), "trigger-right"
+    if output_size is not None:
+        height, width = output_size, output_size // 2
+        reference = resize_rgb(reference, height, width)
+    random_half = resize_rgb(background, height, width)
+    trigger_left = bool(rng.random() < 0.5)
+    random_half, (x, y, w, h) = paste_central(random_half, trigger, rng)
+    halves = [random_half, reference] if trigger_left else [reference, random_half]
+    box = (x if trigger_left else x + width, y, w, h)
+    return np.concatenate(halves, axis=1), box, "trigger-left" if trigger_left else "trigger-right"
 
 
 def generate_baseline(config: BaselineConfig, out_dir: Path, *, target_images: list[Path],
@@ -125,7 +134,7 @@ def generate_baseline(config: BaselineConfig, out_dir: Path, *, target_images: l
         elif trigger is not None and backgrounds:
             background = backgrounds[int(rng.integers(0, len(backgrounds)))]
             image, record.trigger_box, record.side = poisonedencoder_pair(
-                image, read_rgb(background), trigger, rng)
+                image, read_rgb(background), trigger, rng, config.output_size)
             record.background = str(background)
         save_png(out_dir / "images" / record.file, image)
         records.append(record)

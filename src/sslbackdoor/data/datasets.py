@@ -176,7 +176,7 @@ def register_dataset(name: str, *, splits: tuple[Split, ...] = ("train", "test")
 
 def _ensure_sources_registered() -> None:
     # The modules register on import; imported lazily so `datasets` has no heavy imports.
-    from sslbackdoor.data import offline, torchvision_sources  # noqa: F401
+    from sslbackdoor.data import folder_sources, offline, torchvision_sources  # noqa: F401
 
 
 def dataset_names() -> list[str]:
