@@ -14,7 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from sslbackdoor.attacks.cli import poison_app
+from sslbackdoor.defenses.cli import defend_app, scan
 from sslbackdoor.errors import UserInputError
+from sslbackdoor.ssl.cli import pretrain_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Backdoor attacks on pre-trained self-supervised encoders, and defenses.")
@@ -23,6 +25,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Offline data set-up and listi
 app.add_typer(attack_app, name="attack")
 app.add_typer(data_app, name="data")
 app.add_typer(poison_app, name="poison")
+app.add_typer(pretrain_app, name="pretrain")
+app.add_typer(defend_app, name="defend")
+app.command("scan")(scan)
 
 OutOption = Annotated[Path, typer.Option("--out", help="output folder")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config field: KEY=VALUE")]
@@ -52,8 +57,9 @@ def resolve_experiment(name_or_path: str) -> Path:
 
 
 def _run_config(path: Path, out: Path, overrides: list[str], device: str, quiet: bool,
-                resume: bool, download: bool = False, data_root: Path | None = None) -> None:
-    from sslbackdoor.config import merged_config
+                resume: bool, download: bool = False, data_root: Path | None = None,
+                scale: str | None = None) -> None:
+    from sslbackdoor.config import merged_config, read_yaml, select_scale
     from sslbackdoor.progress import set_quiet
     from sslbackdoor.runners import run_experiment
 
@@ -61,7 +67,7 @@ def _run_config(path: Path, out: Path, overrides: list[str], device: str, quiet:
     extra = [f"device={device}"] if device != "auto" else []
     extra += ["download=true"] if download else []
     extra += [f"data_root={data_root}"] if data_root else []
-    raw = merged_config(path, [*overrides, *extra])
+    raw = merged_config(select_scale(read_yaml(path), scale, str(path)), [*overrides, *extra])
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
     results = run_experiment(raw, out, resume=resume, label=str(path))
@@ -79,7 +85,9 @@ def _print_summary(results: dict[str, Any], out: Path) -> None:
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.2f}"
 
-    for task in results.get("tasks", []):
+    tasks = results.get("tasks") or [{**t, "task": f"{c['id']}: {t['task']}"}  # grid cells
+                                     for c in results.get("cells", []) for t in c["tasks"]]
+    for task in tasks:
         table.add_row(task["task"], str(task.get("target_name") or "–"), pct(task["ca"]),
                       pct(task["ba"]), pct(task["asr_b"]), pct(task["asr"]))
     console = Console()
@@ -101,6 +109,8 @@ def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or Y
         set_: SetOption = None, device: DeviceOption = "auto", resume: ResumeOption = False,
         quiet: QuietOption = False, download: DownloadOption = False,
         data_root: DataRootOption = None,
+        scale: Annotated[str | None, typer.Option(
+            "--scale", help="small | paper: the YAML's `scales` block (default small)")] = None,
         list_: Annotated[bool, typer.Option("--list", help="list shipped experiments")] = False) -> None:
     """Run an experiment file (or a shipped experiment by name)."""
     if list_ or experiment is None:
@@ -111,7 +121,7 @@ def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or Y
     if out is None:
         raise UserInputError("--out DIR is required to run an experiment")
     _run_config(resolve_experiment(experiment), out, set_ or [], device, quiet, resume,
-                download, data_root)
+                download, data_root, scale)
 
 
 @attack_app.command("badencoder")
@@ -119,10 +129,10 @@ def attack_badencoder(
     out: OutOption,
     arch: Annotated[str, typer.Option(help="encoder architecture")] = "torchvision:mobilenet_v2",
     weights: Annotated[str, typer.Option(help="'imagenet' or a checkpoint path")] = "imagenet",
-    shadow: Annotated[list[str] | None, typer.Option(help="DATASET[/SPLIT][@LIMIT], repeatable")] = None,
+    shadow: Annotated[list[str] | None, typer.Option(help="DATASET\\[/SPLIT]\\[@LIMIT], repeatable")] = None,
     target: Annotated[list[str] | None, typer.Option(help="TASK:CLASS, repeatable")] = None,
     reference: Annotated[list[str] | None, typer.Option(
-        help="DATASET[/SPLIT][@COUNT] per --target (default: the task's train split)")] = None,
+        help="DATASET\\[/SPLIT]\\[@COUNT] per --target (default: the task's train split)")] = None,
     trigger_size: Annotated[int, typer.Option(help="trigger side in pixels")] = 10,
     image_size: Annotated[int, typer.Option(help="side of the images the encoder sees")] = 32,
     epochs: Annotated[int, typer.Option()] = 200,

@@ -198,6 +198,23 @@ def merged_config(source: dict[str, Any] | Path, overrides: list[str] | None = N
     return deep_merge(raw, parse_overrides(overrides or []))
 
 
+def select_scale(raw: dict[str, Any], scale: str | None, label: str = "config") -> dict[str, Any]:
+    """Merge the `scales: {NAME: {...overrides}}` block named `scale` (default: small)
+    over the rest of a config; a config without `scales` is returned unchanged."""
+    scales = raw.get("scales")
+    if scales is None:
+        if scale is not None:
+            raise UserInputError(f"--scale {scale}: {label} has no `scales` block")
+        return raw
+    if not isinstance(scales, dict) or not all(isinstance(v, dict) for v in scales.values()):
+        raise UserInputError(f"{label}: `scales` must map names to override mappings")
+    name = scale or "small"
+    if name not in scales:
+        raise UserInputError(f"--scale {name}: {label} has scales {', '.join(scales)}")
+    base = {k: v for k, v in raw.items() if k != "scales"}
+    return deep_merge(base, scales[name])
+
+
 def load_config(source: dict[str, Any] | Path, overrides: list[str] | None = None,
                 label: str | None = None) -> ExperimentConfig:
     """Validate a BadEncoder config dict or YAML file (plus `--set` overrides)."""

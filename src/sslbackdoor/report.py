@@ -85,6 +85,10 @@ def paper_section(results: dict[str, Any]) -> list[str]:
 
 
 def render_report(results: dict[str, Any]) -> str:
+    if results.get("kind") == "grid":  # the paper's tables and sweeps (sslbackdoor.grid)
+        from sslbackdoor.grid_report import render_grid_report
+
+        return render_grid_report(results)
     rows = [[t["task"], "–" if t["target_class"] is None else f"{t['target_class']} ({t['target_name']})",
              str(t["test_size"]), percent(t["ca"]), percent(t["ba"]), percent(t["asr_b"]),
              percent(t["asr"]), percent(t["asr_all"])] for t in results["tasks"]]

@@ -29,7 +29,9 @@ KINDS: dict[str, ExperimentKind] = {}
 
 # Modules that register kinds; imported on first use so the CLI starts fast.
 KIND_MODULES = {"badencoder": "sslbackdoor.experiment",
-                "corruptencoder": "sslbackdoor.attacks.poisoning_experiment"}
+                "corruptencoder": "sslbackdoor.attacks.poisoning_experiment",
+                "grid": "sslbackdoor.grid",
+                "defenses": "sslbackdoor.defenses.experiment"}
 
 
 def register_kind(name: str, config_model: type[BaseModel], run: Runner) -> None:

@@ -67,4 +67,18 @@ def load_training_state(path: Path, model: torch.nn.Module,
             _, index, name = key.split(".", 2)
             optim_state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": optim_state, "param_groups": param_groups})
+    _match_parameter_layouts(optimizer)
     return TrainingState(epoch, extras)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give per-parameter state the memory layout of its parameter (channels_last convs).
+
+    Files hold contiguous tensors; Adam's foreach and fused kernels walk state and parameter
+    memory in lockstep, so a contiguous exp_avg beside a channels_last weight would be
+    updated at the wrong positions and a resumed run would silently diverge.
+    """
+    for parameter, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)

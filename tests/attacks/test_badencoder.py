@@ -113,7 +113,7 @@ def test_attack_reduces_effectiveness_loss_and_leaves_clean_encoder_untouched(
                                                                       similarity_after)
     assert result.history[-1]["l0"] < result.history[0]["l0"]
     assert all(torch.equal(before[k], v) for k, v in attack.clean.state_dict().items())
-    bn = [m for m in result.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    bn = next(m for m in result.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert torch.equal(bn.running_mean, before["backbone.net.1.running_mean"])
 
 

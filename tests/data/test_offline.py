@@ -43,7 +43,7 @@ def test_stratified_subset_keeps_class_proportions() -> None:
 
 
 def test_unknown_dataset_and_split_name_the_valid_ones() -> None:
-    with pytest.raises(UserInputError, match="valid: .*fashion-mnist"):
+    with pytest.raises(UserInputError, match=r"valid: .*fashion-mnist"):
         load_dataset("imagenet-21k")
     with pytest.raises(UserInputError, match="no split 'unlabeled'; valid: train, test"):
         load_dataset("sklearn-digits", "unlabeled")

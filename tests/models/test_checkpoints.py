@@ -101,7 +101,7 @@ def test_missing_checkpoint_and_wrong_architecture(tmp_path: Path) -> None:
 
 
 def test_unknown_encoder_names_the_valid_ones() -> None:
-    with pytest.raises(UserInputError, match="valid: .*resnet18-cifar"):
+    with pytest.raises(UserInputError, match=r"valid: .*resnet18-cifar"):
         build_encoder("resnet999")
     with pytest.raises(UserInputError, match="unknown torchvision model"):
         build_encoder("torchvision:not_a_model")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sslbackdoor.ssl.moco import KeyQueue, momentum_copy, momentum_update, moco_loss
+from sslbackdoor.ssl.moco import KeyQueue, moco_loss, momentum_copy, momentum_update
 
 
 def test_moco_loss_matches_hand_computation() -> None:

@@ -12,7 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslbackdoor.data.datasets import DatasetRequest, TensorImageDataset, register_dataset, to_uint8_chw
+from sslbackdoor.data.datasets import (
+    DatasetRequest,
+    TensorImageDataset,
+    register_dataset,
+    to_uint8_chw,
+)
 from sslbackdoor.errors import UserInputError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")

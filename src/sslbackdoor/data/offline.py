@@ -46,7 +46,7 @@ def _fixed_split(labels: np.ndarray, split: str) -> np.ndarray:
     chosen = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        cut = len(members) - int(round(len(members) * TEST_FRACTION))
+        cut = len(members) - round(len(members) * TEST_FRACTION)
         chosen.append(members[cut:] if split == "test" else members[:cut])
     return np.sort(np.concatenate(chosen))
 

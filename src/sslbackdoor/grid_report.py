@@ -1,0 +1,228 @@
+"""Grid results.json → report.md laid out like the paper's tables, plus sweep figures.
+
+Rows are "pre-train → target" (Tables I/II), columns CA/BA/ASR-B/ASR with the paper's
+numbers for the analogous setting beside them; sweeps get a table and a PNG of ASR and BA
+against the swept value. ASR excludes test inputs of the target class (see metrics.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from sslbackdoor.engine import atomic_write
+from sslbackdoor.paper import (
+    BADENCODER_CIFAR_STL,
+    BADENCODER_CLIP_MLP,
+    BADENCODER_IMAGENET,
+    BADENCODER_SHADOW_DISTRIBUTION_ASR,
+    BADENCODER_SOURCE,
+    PaperRow,
+)
+from sslbackdoor.report import markdown_table, percent
+
+PAPER_ROWS: dict[str, PaperRow] = {
+    row.setting.replace(" (MLP)", ""): row
+    for row in (*BADENCODER_CIFAR_STL, *BADENCODER_IMAGENET, *BADENCODER_CLIP_MLP)}
+METRICS = ("ca", "ba", "asr_b", "asr")
+SWEEP_FIGURE = "sweep.png"
+
+
+def target_entry(results: dict[str, Any], cell: dict[str, Any], index: int) -> dict[str, Any]:
+    """The task result of target `index` (into config.targets) in a cell."""
+    task = results["config"]["targets"][index]["task"]
+    return next(t for t in cell["tasks"] if t["task"] == task)
+
+
+def paper_row(results: dict[str, Any], encoder: str, index: int) -> PaperRow | None:
+    paper_encoder = next((e["paper"] for e in results["encoders"] if e["name"] == encoder), None)
+    paper_target = results["config"]["targets"][index].get("paper")
+    if not paper_encoder or not paper_target:
+        return None
+    return PAPER_ROWS.get(f"{paper_encoder} → {paper_target}")
+
+
+def _label(results: dict[str, Any], encoder: str, index: int) -> str:
+    target = results["config"]["targets"][index]
+    return f"{encoder} → {target['task']}"
+
+
+def _target_name(entry: dict[str, Any]) -> str:
+    return f"{entry['target_class']} ({entry['target_name']})"
+
+
+def _metrics(entry: dict[str, Any]) -> list[str]:
+    return [percent(entry[m]) for m in METRICS]
+
+
+def _paper_metrics(row: PaperRow | None) -> list[str]:
+    if row is None:
+        return ["–"] * 5
+    return [row.setting, f"{row.ca:.2f}", f"{row.ba:.2f}", f"{row.asr_b:.2f}", f"{row.asr:.2f}"]
+
+
+def table_section(results: dict[str, Any]) -> list[str]:
+    """Tables I/II: one row per (encoder, target), single-target attacks."""
+    rows = []
+    for cell in results["cells"]:
+        if len(cell["targets"]) != 1:
+            continue
+        index = cell["targets"][0]
+        entry = target_entry(results, cell, index)
+        rows.append([_label(results, cell["encoder"], index), _target_name(entry),
+                     *_metrics(entry), *_paper_metrics(paper_row(results, cell["encoder"],
+                                                                 index))])
+    header = ["pre-train → target", "target class", "CA", "BA", "ASR-B", "ASR",
+              "paper setting", "paper CA", "paper BA", "paper ASR-B", "paper ASR"]
+    return ["## Results (percent), as in the paper's Tables I/II", markdown_table(header, rows)]
+
+
+def multi_target_section(results: dict[str, Any]) -> list[str]:
+    """Each target alone vs all targets injected at once."""
+    alone = {(c["encoder"], c["targets"][0]): c for c in results["cells"]
+             if len(c["targets"]) == 1}
+    together = {c["encoder"]: c for c in results["cells"] if len(c["targets"]) > 1}
+    rows = []
+    for (encoder, index), cell in alone.items():
+        single = target_entry(results, cell, index)
+        joint = (target_entry(results, together[encoder], index) if encoder in together
+                 else {"ba": None, "asr": None})  # an encoder with a single target
+        row = paper_row(results, encoder, index)
+        rows.append([_label(results, encoder, index), _target_name(single), percent(single["ca"]),
+                     percent(single["ba"]), percent(single["asr"]), percent(joint["ba"]),
+                     percent(joint["asr"]), f"{row.asr:.2f}" if row else "–"])
+    header = ["pre-train → target", "target class", "CA", "BA alone", "ASR alone",
+              "BA all at once", "ASR all at once", "paper ASR (alone)"]
+    return ["## One target at a time vs all targets at once (percent)",
+            markdown_table(header, rows)]
+
+
+def sweep_section(results: dict[str, Any], title: str, unit: str) -> list[str]:
+    rows = []
+    for cell in results["cells"]:
+        index = cell["targets"][0]
+        entry = target_entry(results, cell, index)
+        rows.append([_label(results, cell["encoder"], index), str(cell["variable"]),
+                     *_metrics(entry)])
+    parts = [f"## {title} (percent)",
+             markdown_table(["pre-train → target", unit, "CA", "BA", "ASR-B", "ASR"], rows)]
+    if "sweep" in results.get("figures", {}):
+        parts.append(f"![ASR and BA vs {unit}]({results['figures']['sweep']})")
+    return parts
+
+
+def shadow_distribution_section(results: dict[str, Any]) -> list[str]:
+    """Table IV: which shadow set, and the paper's ASR for the analogous one."""
+    kinds = {v["label"]: v.get("paper") for v in results["config"]["shadows"]}
+    rows = []
+    for cell in results["cells"]:
+        index = cell["targets"][0]
+        entry = target_entry(results, cell, index)
+        paper_target = results["config"]["targets"][index].get("paper")
+        paper = BADENCODER_SHADOW_DISTRIBUTION_ASR.get(paper_target or "", {}).get(
+            kinds.get(cell["variable"]) or "")
+        rows.append([_label(results, cell["encoder"], index), str(cell["variable"]),
+                     kinds.get(cell["variable"]) or "–", str(cell.get("shadow_images", "–")),
+                     *_metrics(entry), f"{paper:.2f}" if paper is not None else "–"])
+    header = ["pre-train → target", "shadow set", "kind", "images", "CA", "BA", "ASR-B",
+              "ASR", "paper ASR"]
+    return ["## Shadow set distribution, as in the paper's Table IV (percent)",
+            markdown_table(header, rows)]
+
+
+def encoders_section(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for e in results["encoders"]:
+        final = e.get("final") or {}
+        rows.append([e["name"], e.get("paper") or "–", f"`{e['arch']}`",
+                     ", ".join(e.get("data", [])) or f"given: {e['weights']}",
+                     str(e.get("epochs", "–")), percent(final.get("knn_accuracy")),
+                     percent(final.get("linear_probe_accuracy")),
+                     f"{e['train_seconds'] / 60:.1f}" if "train_seconds" in e else "–"])
+    header = ["encoder", "paper analogue", "arch", "pre-training data", "epochs",
+              "kNN acc", "linear probe acc", "minutes"]
+    return ["## Clean encoders", markdown_table(header, rows)]
+
+
+def scale_line(results: dict[str, Any]) -> str:
+    config, env = results["config"], results["environment"]
+    attack, probe = config["attack"], config["downstream"]["probe"]
+    shadows = sorted({c.get("shadow_images") for c in results["cells"]} - {None})
+    return (f"Scale: **{results['scale']}** — {config['image_size']}×{config['image_size']} px; "
+            f"BadEncoder {attack['epochs']} epochs (batch {attack['batch_size']}, lr "
+            f"{attack['lr']}), shadow sets of {', '.join(map(str, shadows)) or '?'} images; "
+            f"downstream {probe['kind']} probe {probe['epochs']} epochs (train ≤ "
+            f"{config['downstream']['train_limit'] or 'all'}, test ≤ "
+            f"{config['downstream']['test_limit'] or 'all'} per task); device {env['device']} "
+            f"({env['threads']} threads), torch {env['torch']}; seed {results['seed']}. "
+            f"The paper: ResNet18 SimCLR encoders pre-trained 1000 epochs on CIFAR10/STL10, "
+            f"200 attack epochs on 50,000 shadow images, MLP probes 500 epochs, GPUs — compare "
+            f"the pattern (BA ≈ CA, ASR ≫ ASR-B), not the digits, unless the scale is `paper`.")
+
+
+STUDY_SECTIONS = {
+    "table": table_section,
+    "multi-target": multi_target_section,
+    "shadow-distribution": shadow_distribution_section,
+}
+
+
+def render_grid_report(results: dict[str, Any]) -> str:
+    study = results["study"]
+    if study == "shadow-size":
+        body = sweep_section(results, "ASR and BA vs shadow-set size", "shadow images")
+    elif study == "trigger-size":
+        body = sweep_section(results, "ASR and BA vs trigger size", "trigger side (px)")
+    else:
+        body = STUDY_SECTIONS[study](results)
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
+    parts = [f"# {results['name']}: BadEncoder grid ({study})", scale_line(results),
+             *encoders_section(results), *body,
+             f"Paper numbers: {BADENCODER_SOURCE}. ASR excludes test inputs of the target "
+             f"class; each cell's folder (`cells/<id>/report.md`) also has `ASR (all)`.",
+             f"Timings: {timings}."]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_grid_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Sweep studies: ASR and BA against the swept value, one line per encoder→target."""
+    if results["study"] not in ("shadow-size", "trigger-size"):
+        return {}
+    unit = "shadow images" if results["study"] == "shadow-size" else "trigger side (px)"
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for cell in results["cells"]:
+        index = cell["targets"][0]
+        entry = target_entry(results, cell, index)
+        series.setdefault(_label(results, cell["encoder"], index), []).append(
+            (float(cell["variable"]), 100 * entry["asr"], 100 * entry["ba"]))
+    plot_sweep(series, unit, out_dir / SWEEP_FIGURE)
+    return {"sweep": SWEEP_FIGURE}
+
+
+def plot_sweep(series: dict[str, list[tuple[float, float, float]]], unit: str,
+               path: Path) -> None:
+    """Two panels (ASR, BA) of percent vs `unit`; series: label → [(x, asr, ba)]."""
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label, points in series.items():
+        xs, asr, ba = zip(*sorted(points), strict=True)
+        _line(axes[0], xs, asr, label)
+        _line(axes[1], xs, ba, label)
+    for axis, metric in zip(axes, ("ASR", "BA"), strict=True):
+        axis.set_xlabel(unit)
+        axis.set_ylabel(f"{metric} (%)")
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+
+
+def _line(axis: Any, xs: Sequence[float], ys: Sequence[float], label: str) -> None:
+    axis.plot(xs, ys, marker="o", label=label)

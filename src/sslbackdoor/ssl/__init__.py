@@ -1,0 +1,1 @@
+"""Self-supervised pre-training (SimCLR): losses as pure functions, batched views, train loop."""

@@ -1,0 +1,348 @@
+"""SimCLR pre-training stage: config, training loop, checkpoint every epoch, exact resume.
+
+Writes into the output folder (rank 0 only when distributed):
+  config.yaml                  the resolved config
+  training_state.safetensors   model + head + Adam state after the last finished epoch
+  encoder.safetensors          the pre-trained encoder (backbone only), via save_encoder
+  results.json                 loss / kNN accuracy per epoch, final kNN and linear probe
+
+Resuming replays nothing: every epoch draws its batch order and view parameters from a
+generator seeded by (seed, epoch), so a resumed run makes exactly the views and updates
+the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.nn.parallel import DistributedDataParallel
+
+from sslbackdoor.config import DataSource, dump_config, format_validation_error
+from sslbackdoor.data.datasets import Split, load_dataset
+from sslbackdoor.downstream.features import dataset_tensors
+from sslbackdoor.downstream.probe import ProbeConfig
+from sslbackdoor.engine import (
+    atomic_write_text,
+    autocast,
+    prepare_module,
+    seed_everything,
+    to_device_images,
+)
+from sslbackdoor.errors import UserInputError
+from sslbackdoor.experiment import environment
+from sslbackdoor.models.checkpoints import save_encoder
+from sslbackdoor.models.encoders import build_encoder
+from sslbackdoor.progress import log, track
+from sslbackdoor.ssl.distributed import (
+    DistContext,
+    convert_global_batchnorm,
+    gather_rows,
+    init_distributed,
+    local_slice,
+    mean_over_processes,
+)
+from sslbackdoor.ssl.monitor import LabeledImages, knn_accuracy, linear_probe_accuracy
+from sslbackdoor.ssl.simclr import (
+    AugmentConfig,
+    SimCLRModel,
+    SimCLRViews,
+    ViewParams,
+    nt_xent_loss,
+)
+from sslbackdoor.training_state import TrainingState, load_training_state, save_training_state
+
+RESULTS_SCHEMA = "sslbackdoor.pretrain/1"
+CACHE_FORMAT = "1"  # bump when a change alters the weights a config produces
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SimCLRConfig(Strict):
+    """Everything that determines the weights; defaults are BadEncoder's CIFAR10 setting."""
+
+    arch: str = Field("resnet18-cifar", description="registered encoder, e.g. convnet-small")
+    epochs: int = Field(1000, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    temperature: float = Field(0.5, gt=0)
+    hidden_dim: int = Field(512, ge=1)
+    projection_dim: int = Field(128, ge=1)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    augment: AugmentConfig = AugmentConfig()
+
+
+class MonitorConfig(Strict):
+    """kNN monitor during training and a linear probe at the end (labelled data)."""
+
+    dataset: str | None = Field(None, description="labelled set with train/test splits "
+                                                  "(default: the first data source)")
+    root: str | None = None
+    knn_every: int = Field(1, ge=0, description="epochs between kNN evaluations (0: end only)")
+    knn_k: int = Field(200, ge=1)
+    knn_t: float = Field(0.5, gt=0)
+    bank_limit: int | None = Field(None, ge=1, description="train images in the kNN bank")
+    test_limit: int | None = Field(None, ge=1, description="test images evaluated")
+    probe: ProbeConfig | None = Field(
+        ProbeConfig(kind="linear", epochs=100, lr=1e-3, batch_size=256),
+        description="linear probe at the end; null: none")
+
+
+class PretrainConfig(Strict):
+    """A SimCLR pre-training run."""
+
+    name: str = "simclr"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int = Field(32, ge=8)
+    data_root: str | None = None
+    download: bool = Field(False, description="let torchvision download missing datasets")
+    data: list[DataSource] = Field(..., min_length=1, description="unlabeled training images")
+    simclr: SimCLRConfig = SimCLRConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    def monitor_dataset(self) -> str:
+        return self.monitor.dataset or self.data[0].dataset
+
+
+def load_pretrain_config(raw: dict[str, Any], label: str = "pretrain") -> PretrainConfig:
+    try:
+        return PretrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserInputError(format_validation_error(exc, label)) from None
+
+
+def pretrain_hash(config: PretrainConfig, include_epochs: bool = True) -> str:
+    """Hash of what determines the weights (data, seed, size, hyper-parameters), not of
+    where they run or how they are monitored: the encoder cache key.
+
+    Without epochs it identifies the training trajectory, which a resumed run may extend
+    (there is no learning-rate schedule, so epoch k is the same in a longer run).
+    """
+    simclr = config.simclr.model_dump(mode="json", exclude=None if include_epochs
+                                      else {"epochs"})
+    key = {"format": CACHE_FORMAT, "seed": config.seed, "image_size": config.image_size,
+           "data": [s.model_dump(mode="json", exclude={"root"}) for s in config.data],
+           "simclr": simclr}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_pretrain_images(config: PretrainConfig) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """All training images (uint8 [N,3,S,S]) and one provenance entry per source."""
+    images, provenance = [], []
+    for source in config.data:
+        dataset = load_dataset(source.dataset, source.split, image_size=config.image_size,
+                               root=source.root or config.data_root, limit=source.limit,
+                               seed=config.seed, download=config.download)
+        source_images, labels = dataset_tensors(dataset)
+        keep = getattr(source, "classes", None)
+        if keep is not None:
+            source_images = source_images[torch.isin(labels, torch.tensor(keep))]
+        images.append(source_images)
+        provenance.append({"dataset": source.dataset, "split": source.split,
+                           "images": int(source_images.shape[0]), "source": dataset.provenance})
+    return torch.cat(images), provenance
+
+
+def load_monitor_data(config: PretrainConfig) -> tuple[LabeledImages, LabeledImages]:
+    """The labelled (train bank, test) pair of the kNN monitor and linear probe."""
+    name, monitor = config.monitor_dataset(), config.monitor
+    root = monitor.root or config.data_root
+    sets = []
+    splits: tuple[tuple[Split, int | None], ...] = (("train", monitor.bank_limit),
+                                                    ("test", monitor.test_limit))
+    for split, limit in splits:
+        try:
+            dataset = load_dataset(name, split, image_size=config.image_size, root=root,
+                                   limit=limit, seed=config.seed, download=config.download)
+        except UserInputError as exc:
+            raise UserInputError(f"monitor.dataset {name!r} needs labelled train and test "
+                                 f"splits ({exc})") from None
+        images, labels = dataset_tensors(dataset)
+        sets.append(LabeledImages(images, labels, len(dataset.classes)))
+    return sets[0], sets[1]
+
+
+class SimCLRTrainer:
+    """Owns the model, optimizer and views; `train_epoch` is one pass over the data."""
+
+    def __init__(self, config: PretrainConfig, device: torch.device,
+                 context: DistContext | None = None) -> None:
+        self.config, self.device = config, device
+        self.context = context or DistContext()
+        simclr = config.simclr
+        local_slice(simclr.batch_size, self.context)  # fails early on an indivisible batch
+        seed_everything(config.seed)
+        model = SimCLRModel(build_encoder(simclr.arch), simclr.hidden_dim, simclr.projection_dim)
+        if self.context.enabled:
+            model = convert_global_batchnorm(model, device)  # type: ignore[assignment]
+        self.model: SimCLRModel = prepare_module(model, device)
+        self.network: torch.nn.Module = self.model
+        if self.context.enabled:
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)  # BatchNorm statistics are global already
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=simclr.lr,
+                                          weight_decay=simclr.weight_decay,
+                                          fused=device.type in ("cpu", "cuda"))
+        self.views = SimCLRViews(config.image_size, simclr.augment)
+
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+
+    def train_epoch(self, images: torch.Tensor, epoch: int) -> dict[str, float]:
+        """One epoch over uint8 images [N,3,H,W] (drop_last) → mean loss and speed."""
+        batch = self.config.simclr.batch_size
+        steps = images.shape[0] // batch
+        if steps == 0:
+            raise UserInputError(f"{images.shape[0]} training images are fewer than one batch "
+                                 f"({batch}); lower simclr.batch_size")
+        generator = self.epoch_generator(epoch)
+        order = torch.randperm(images.shape[0], generator=generator)
+        self.model.train()
+        started, total = time.perf_counter(), 0.0
+        for step in track(range(steps), f"SimCLR epoch {epoch + 1}", total=steps):
+            index = order[step * batch:(step + 1) * batch]
+            params = self.views.sample_pairs(batch, images.shape[-2], images.shape[-1],
+                                             generator)
+            total += float(self.step(images[index], params))
+        seconds = time.perf_counter() - started
+        loss = mean_over_processes(total / steps, self.context, self.device)
+        return {"loss": loss, "seconds": round(seconds, 3),
+                "images_per_second": round(steps * batch / seconds, 2)}
+
+    def step(self, batch: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """One update on a global batch (uint8 [B,3,H,W]) with view params of 2B views;
+        a distributed process uses only its slice of both. Returns the (local) loss."""
+        size = batch.shape[0]
+        part = local_slice(size, self.context)
+        local = to_device_images(batch[part], self.device)
+        views = torch.cat([self.views.apply(local, params[part]),
+                           self.views.apply(local, params[size:][part])])
+        with autocast(self.device, self.config.simclr.precision == "bf16"):
+            projections = self.network(views.contiguous(memory_format=torch.channels_last))
+        first, second = projections.float().chunk(2)
+        both = torch.cat([gather_rows(first, self.context), gather_rows(second, self.context)])
+        loss = nt_xent_loss(both, self.config.simclr.temperature, self._anchors(part, size))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _anchors(self, part: slice, size: int) -> torch.Tensor | None:
+        if not self.context.enabled:
+            return None
+        own = torch.arange(part.start, part.stop, device=self.device)
+        return torch.cat([own, own + size])
+
+
+def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
+                 images: torch.Tensor | None = None) -> dict[str, Any]:
+    """Pre-train, checkpointing every epoch; returns the results also in results.json.
+
+    `images` (uint8 [N,3,S,S]) replaces loading `config.data`, for callers that build the
+    training set themselves (e.g. clean images plus poisons; `data` should still describe
+    them, since it keys the cache). Under `torchrun` every process trains its share; only
+    rank 0 writes and evaluates.
+    """
+    context, device = init_distributed(config.device)
+    out_dir = Path(out_dir)
+    if images is None:
+        images, provenance = load_pretrain_images(config)
+    else:
+        provenance = [{"images": int(images.shape[0]), "source": "given by the caller"}]
+    monitor = load_monitor_data(config) if context.is_main else None
+    trainer = SimCLRTrainer(config, device, context)
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", dump_config(config))
+    history = _train(trainer, images, out_dir, resume, monitor)
+    if not context.is_main:
+        return {}
+    assert monitor is not None
+    results = _final_results(trainer, history, monitor, provenance, out_dir)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+def _train(trainer: SimCLRTrainer, images: torch.Tensor, out_dir: Path, resume: bool,
+           monitor: tuple[LabeledImages, LabeledImages] | None) -> list[dict[str, Any]]:
+    config, context = trainer.config, trainer.context
+    state_path = out_dir / "training_state.safetensors"
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume and state_path.is_file():
+        start, history = _resume(trainer, state_path)
+    elif resume:
+        log(f"no {state_path.name} in {out_dir}: starting from epoch 0")
+    every = config.monitor.knn_every
+    for epoch in range(start, config.simclr.epochs):
+        entry: dict[str, Any] = {"epoch": epoch + 1, **trainer.train_epoch(images, epoch)}
+        if monitor is not None and every and (epoch + 1) % every == 0:
+            entry["knn_accuracy"] = _knn(trainer, monitor)
+        history.append(entry)
+        if context.is_main:
+            log(f"epoch {epoch + 1}/{config.simclr.epochs}: " +
+                " ".join(f"{k}={v:.4f}" for k, v in entry.items() if k != "epoch"))
+            save_training_state(state_path, trainer.model, trainer.optimizer,
+                                TrainingState(epoch + 1, {"history": history, "trajectory":
+                                                          pretrain_hash(config, False)}))
+    return history
+
+
+def _resume(trainer: SimCLRTrainer, path: Path) -> tuple[int, list[dict[str, Any]]]:
+    state = load_training_state(path, trainer.model, trainer.optimizer)
+    expected = pretrain_hash(trainer.config, include_epochs=False)
+    if state.extras.get("trajectory") != expected:
+        raise UserInputError(f"{path} was written by a different pre-training config "
+                             f"(data, seed or hyper-parameters differ); use a new --out "
+                             f"folder or run without --resume")
+    log(f"resuming SimCLR from {path} after epoch {state.epoch}")
+    return state.epoch, list(state.extras.get("history", []))
+
+
+def _knn(trainer: SimCLRTrainer, monitor: tuple[LabeledImages, LabeledImages]) -> float:
+    settings = trainer.config.monitor
+    return round(knn_accuracy(trainer.model.encoder, monitor[0], monitor[1], trainer.device,
+                              settings.knn_k, settings.knn_t,
+                              trainer.config.simclr.precision), 5)
+
+
+def _final_results(trainer: SimCLRTrainer, history: list[dict[str, Any]],
+                   monitor: tuple[LabeledImages, LabeledImages],
+                   provenance: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    config = trainer.config
+    encoder_path = out_dir / "encoder.safetensors"
+    sha = save_encoder(trainer.model.encoder, encoder_path,
+                       {"config_hash": pretrain_hash(config),
+                        "pretrain": config.model_dump(mode="json")})
+    final: dict[str, Any] = {"knn_accuracy": history[-1].get("knn_accuracy") if history
+                             else None}
+    if final["knn_accuracy"] is None:
+        final["knn_accuracy"] = _knn(trainer, monitor)
+    if config.monitor.probe is not None:
+        final["linear_probe_accuracy"] = round(linear_probe_accuracy(
+            trainer.model.encoder, monitor[0], monitor[1], trainer.device,
+            config.monitor.probe, config.seed, config.simclr.precision), 5)
+    seconds = sum(float(h["seconds"]) for h in history)
+    trained = sum(float(h["seconds"]) * float(h["images_per_second"]) for h in history)
+    return {"schema": RESULTS_SCHEMA, "kind": "pretrain-simclr", "name": config.name,
+            "config": config.model_dump(mode="json"), "config_hash": pretrain_hash(config),
+            "history": history, "final": final,
+            "encoder": {"file": encoder_path.name, "arch": trainer.model.encoder.name,
+                        "sha256": sha},
+            "train_seconds": round(seconds, 2),
+            "images_per_second": round(trained / seconds, 2) if seconds else None,
+            "monitor": {"dataset": config.monitor_dataset(),
+                        "bank": int(monitor[0].labels.numel()),
+                        "test": int(monitor[1].labels.numel())},
+            "provenance": provenance, "world_size": trainer.context.world_size,
+            "environment": environment(trainer.device)}
