@@ -143,7 +143,7 @@ def localized_boxes(first: torch.Tensor, height: int, width: int, scale: tuple[f
                     enlarge: float = 0.2) -> torch.Tensor:
     """Boxes [B,4] for second views inside the first views' boxes [B,4] enlarged by
     `enlarge` of their size per side (clipped to the image): CorruptEncoder's localized
-    cropping (as `data.augment.localized_crop_boxes`, batched). Area ≥ scale[0] of the
+    cropping, batched. Area ≥ scale[0] of the
     image, aspect in `ratio`; after ten failed tries the second box is the first."""
     top, left, h, w = first.unbind(1)
     region_top = (top - torch.round(enlarge * h)).clamp(min=0)
