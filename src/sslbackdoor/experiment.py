@@ -30,7 +30,7 @@ from sslbackdoor.downstream.evaluate import (
     evaluate_encoder,
     load_task,
 )
-from sslbackdoor.downstream.features import dataset_tensors, encode
+from sslbackdoor.downstream.features import encode
 from sslbackdoor.downstream.zeroshot import prepare_zero_shot, zero_shot_for_experiment
 from sslbackdoor.engine import atomic_write_text, prepare_module, resolve_device, seed_everything
 from sslbackdoor.errors import UserInputError
@@ -56,16 +56,10 @@ def config_hash(config: ExperimentConfig) -> str:
 
 def load_shadow(config: ExperimentConfig) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """All shadow images (uint8 [N,3,S,S]) and one provenance entry per source."""
-    images, provenance = [], []
-    for source in config.shadow:
-        dataset = load_dataset(source.dataset, source.split, image_size=config.image_size,
-                               root=source.root or config.data_root, limit=source.limit,
-                               seed=config.seed, download=config.download)
-        source_images, _ = dataset_tensors(dataset)
-        images.append(source_images)
-        provenance.append({"dataset": source.dataset, "split": source.split,
-                           "images": int(source_images.shape[0]), "source": dataset.provenance})
-    return torch.cat(images), provenance
+    from sslbackdoor.data.sources import load_sources
+
+    return load_sources(config.shadow, config.image_size, data_root=config.data_root,
+                        seed=config.seed, download=config.download)
 
 
 def load_references(config: ExperimentConfig, index: int) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -137,19 +137,10 @@ def pretrain_hash(config: PretrainConfig, include_epochs: bool = True) -> str:
 
 def load_pretrain_images(config: PretrainConfig) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """All training images (uint8 [N,3,S,S]) and one provenance entry per source."""
-    images, provenance = [], []
-    for source in config.data:
-        dataset = load_dataset(source.dataset, source.split, image_size=config.image_size,
-                               root=source.root or config.data_root, limit=source.limit,
-                               seed=config.seed, download=config.download)
-        source_images, labels = dataset_tensors(dataset)
-        keep = getattr(source, "classes", None)
-        if keep is not None:
-            source_images = source_images[torch.isin(labels, torch.tensor(keep))]
-        images.append(source_images)
-        provenance.append({"dataset": source.dataset, "split": source.split,
-                           "images": int(source_images.shape[0]), "source": dataset.provenance})
-    return torch.cat(images), provenance
+    from sslbackdoor.data.sources import load_sources
+
+    return load_sources(config.data, config.image_size, data_root=config.data_root,
+                        seed=config.seed, download=config.download)
 
 
 def load_monitor_data(config: PretrainConfig) -> tuple[LabeledImages, LabeledImages]:
