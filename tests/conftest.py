@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,19 @@ def tiny_encoder() -> Encoder:
     torch.manual_seed(0)
     return Encoder(TinyConvNet(), name="tiny", feature_dim=16, mean=(0.5, 0.5, 0.5),
                    std=(0.25, 0.25, 0.25), default_image_size=16)
+
+
+@pytest.fixture(scope="module")
+def single_thread_cpu() -> Iterator[None]:
+    """For modules of tiny models: flush denormals and use one thread, then restore.
+
+    Random towers and collapsed features produce denormal floats (~10x slower on CPU), and
+    two OpenMP threads spin-wait badly on tiny kernels when other processes share the cores;
+    neither changes a result the tests check.
+    """
+    torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)

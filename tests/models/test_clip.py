@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,19 +33,7 @@ def clip_normalise(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_cpu() -> Iterator[None]:
-    # Random CLIP towers and BadEncoder's collapsed features (cosine ≈ 1) produce denormal
-    # floats, which made these tests ~10x slower on CPU; flushing them to zero changes no
-    # result they check.
-    torch.set_flush_denormal(True)
-    # One thread: these models are tiny, and two OpenMP threads spin-wait badly when other
-    # processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("single_thread_cpu")
 
 
 @pytest.fixture(scope="module")

@@ -177,17 +177,23 @@ def _load_state(encoder: Encoder, state: Mapping[str, torch.Tensor], path: Path)
     own = encoder.state_dict()
     # Classifier weights of torchvision files have no place in a feature extractor.
     state = {k: v for k, v in state.items() if k in own or not _is_classifier_key(k)}
+    check_state_fits(own, state, str(path), f"encoder {encoder.name!r}")
+    encoder.load_state_dict(state)
+
+
+def check_state_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                     source: str, target: str) -> None:
+    """One-line UserInputError unless `state` has exactly `own`'s keys and shapes."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise UserInputError(f"{path} does not fit encoder {encoder.name!r}: "
-                             f"{len(missing)} missing keys (e.g. {missing[:2]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        raise UserInputError(f"{source} does not fit {target}: {len(missing)} missing keys "
+                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                             f"(e.g. {unexpected[:2]}); is it the right architecture?")
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise UserInputError(f"{path}: tensor {key} has shape {tuple(value.shape)}, "
-                                 f"encoder {encoder.name!r} expects {tuple(own[key].shape)}")
-    encoder.load_state_dict(state)
+            raise UserInputError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
+                                 f"{target} expects {tuple(own[key].shape)}")
 
 
 def _is_classifier_key(key: str) -> bool:

@@ -44,7 +44,7 @@ from torch import nn
 
 from sslbackdoor.engine import eval_mode
 from sslbackdoor.errors import UserInputError, first_line
-from sslbackdoor.models.checkpoints import load_torch_file, sha256_file
+from sslbackdoor.models.checkpoints import check_state_fits, load_torch_file, sha256_file
 from sslbackdoor.models.encoders import Encoder, register_encoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -274,13 +274,5 @@ def load_clip_state(model: nn.Module, state: Mapping[str, torch.Tensor], source:
     # Older checkpoints store logit_scale as a 0-d tensor, newer models as [1] (or back).
     if "logit_scale" in state and "logit_scale" in own:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserInputError(f"{source} does not fit this CLIP: {len(missing)} missing keys "
-                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                             f"(e.g. {unexpected[:2]}); is it the right architecture?")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise UserInputError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
-                                 f"this CLIP expects {tuple(own[key].shape)}")
+    check_state_fits(own, state, str(source), "this CLIP")
     model.load_state_dict(state)
