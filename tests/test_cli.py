@@ -110,3 +110,22 @@ def test_demo_config_validates_and_run_lists_shipped_experiments(
         capsys: pytest.CaptureFixture[str]) -> None:
     main(["run", "--list"])
     assert "demo" in capsys.readouterr().out
+
+
+def test_dry_run_of_a_badencoder_experiment_checks_the_data_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.yaml").write_text(yaml.safe_dump(TINY_EXPERIMENT))
+    main(["run", "tiny.yaml", "--dry-run"])
+    assert capsys.readouterr().out.splitlines() == [
+        "attack tiny: torchvision:mobilenet_v2, 1 target(s), 2 epochs",
+        "tiny.yaml: valid badencoder experiment"]
+    too_many = {**TINY_EXPERIMENT, "targets": [{**TINY_EXPERIMENT["targets"][0],  # type: ignore[dict-item]
+                                                "references": {"dataset": "sklearn-digits",
+                                                               "count": 10_000}}]}
+    Path("bad.yaml").write_text(yaml.safe_dump(too_many))
+    with pytest.raises(SystemExit) as info:
+        main(["run", "bad.yaml", "--dry-run"])
+    assert info.value.code == 2 and "fewer than 10000 images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "tiny.yaml"]

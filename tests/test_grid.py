@@ -16,6 +16,7 @@ from sslbackdoor.cli import main, shipped_experiments
 from sslbackdoor.config import read_yaml, select_scale
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.grid import GridConfig, dry_run, plan_cells, pretrain_folder
+from sslbackdoor.grid_report import findings_section
 from sslbackdoor.runners import validate_experiment
 from sslbackdoor.ssl import pretrain
 from tests.data.test_torchvision_sources import (  # noqa: F401  (skip_md5 is a fixture)
@@ -78,6 +79,7 @@ def test_tiny_table_grid_end_to_end_then_a_sweep_reuses_the_cached_encoder(
     assert "Tables I/II" in report and "digits → sklearn-digits" in report
     assert "CIFAR10 → SVHN | 58.50 | 69.32 | 37.53 | 99.14" in report  # the paper's row
     assert "Scale: **test**" in report
+    assert "## Findings (measured here" in report and "of 1 pairs" in report
 
     def no_pretraining(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the cached encoder should have been reused")
@@ -187,3 +189,60 @@ def test_small_grids_share_one_cached_encoder(tmp_path: Path) -> None:
         assert isinstance(config, GridConfig)
         folders |= {pretrain_folder(config, e) for e in config.encoders if e.pretrain}
     assert len(folders) == 1  # 30 minutes of pre-training, done once for every study
+
+
+def test_dry_run_resolves_every_input_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    path = _write(tmp_path / "table.yaml", tiny_grid(cache))
+    main(["run", str(path), "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pretrain digits: convnet:4, 1 epochs")
+    assert lines[1] == "attack digits__sklearn-digits: 1 target(s), 1 epochs"
+    assert lines[-1] == f"{path}: valid grid experiment"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.yaml"]
+
+    bad = tiny_grid(cache)
+    bad["targets"][0]["target_class"] = 10  # sklearn digits has classes 0..9
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(_write(tmp_path / "bad.yaml", bad)), "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "10" in capsys.readouterr().err
+
+
+def _cell(variable: int | str | None, targets: list[int], *scores: tuple[float, float, float]
+          ) -> dict[str, Any]:
+    return {"encoder": "FM", "targets": targets, "variable": variable,
+            "tasks": [{"task": f"task{i}", "ca": ca, "ba": ba, "asr": asr}
+                      for i, (ca, ba, asr) in zip(targets, scores, strict=True)]}
+
+
+def _results(study: str, cells: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"study": study, "cells": cells,
+            "config": {"targets": [{"task": "task0"}, {"task": "task1"}]}}
+
+
+def test_findings_check_every_pair_against_the_papers_bar() -> None:
+    holds = _results("table", [_cell(None, [0], (0.90, 0.895, 0.99)),
+                               _cell(None, [1], (0.80, 0.81, 0.95))])
+    assert "**holds** (2 of 2 pairs)" in findings_section(holds)[1]
+    fails = _results("multi-target", [_cell("one", [0], (0.90, 0.885, 0.99)),
+                                       _cell("all", [0, 1], (0.90, 0.90, 0.99),
+                                             (0.80, 0.80, 0.90))])
+    text = findings_section(fails)[1]
+    assert "**does not hold** (1 of 3 pairs)" in text
+    assert "FM → task0: ASR 99.00, CA 90.00, BA 88.50" in text
+    assert "FM → task1 (all at once): ASR 90.00" in text
+
+
+def test_findings_of_a_sweep_say_whether_asr_rises_and_where_it_crosses() -> None:
+    rising = _results("shadow-size", [_cell(1000, [0], (0.9, 0.9, 0.10)),
+                                      _cell(256, [0], (0.9, 0.9, 0.01)),
+                                      _cell(5000, [0], (0.9, 0.9, 0.96))])
+    text = findings_section(rising)[1]
+    assert "ASR rises with shadow-set size" in text
+    assert "256 → 1.00, 1000 → 10.00, 5000 → 96.00; first ≥ 95% at 5000" in text
+    falling = _results("trigger-size", [_cell(2, [0], (0.9, 0.9, 0.50)),
+                                        _cell(4, [0], (0.9, 0.9, 0.40))])
+    text = findings_section(falling)[1]
+    assert "**does not rise** with trigger size" in text and "never ≥ 95%" in text

@@ -56,18 +56,22 @@ def resolve_experiment(name_or_path: str) -> Path:
     return shipped[name_or_path]
 
 
-def _run_config(path: Path, out: Path, overrides: list[str], device: str, quiet: bool,
+def _run_config(path: Path, out: Path | None, overrides: list[str], device: str, quiet: bool,
                 resume: bool, download: bool = False, data_root: Path | None = None,
                 scale: str | None = None) -> None:
     from sslbackdoor.config import merged_config, read_yaml, select_scale
     from sslbackdoor.progress import set_quiet
-    from sslbackdoor.runners import run_experiment
+    from sslbackdoor.runners import dry_run_experiment, run_experiment
 
     set_quiet(quiet)
     extra = [f"device={device}"] if device != "auto" else []
     extra += ["download=true"] if download else []
     extra += [f"data_root={data_root}"] if data_root else []
     raw = merged_config(select_scale(read_yaml(path), scale, str(path)), [*overrides, *extra])
+    if out is None:
+        for line in dry_run_experiment(raw, label=str(path)):
+            typer.echo(line)
+        return
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
     results = run_experiment(raw, out, resume=resume, label=str(path))
@@ -111,17 +115,20 @@ def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or Y
         data_root: DataRootOption = None,
         scale: Annotated[str | None, typer.Option(
             "--scale", help="small | paper: the YAML's `scales` block (default small)")] = None,
-        list_: Annotated[bool, typer.Option("--list", help="list shipped experiments")] = False) -> None:
+        list_: Annotated[bool, typer.Option("--list", help="list shipped experiments")] = False,
+        dry: Annotated[bool, typer.Option(
+            "--dry-run", help="validate the config and resolve every dataset it reads; "
+                              "train nothing, write nothing")] = False) -> None:
     """Run an experiment file (or a shipped experiment by name)."""
     if list_ or experiment is None:
         for name, path in sorted(shipped_experiments().items()):
             first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
             typer.echo(f"{name:24s} {first}")
         return
-    if out is None:
-        raise UserInputError("--out DIR is required to run an experiment")
-    _run_config(resolve_experiment(experiment), out, set_ or [], device, quiet, resume,
-                download, data_root, scale)
+    if out is None and not dry:
+        raise UserInputError("--out DIR is required to run an experiment (or pass --dry-run)")
+    _run_config(resolve_experiment(experiment), None if dry else out, set_ or [], device, quiet,
+                resume, download, data_root, scale)
 
 
 @attack_app.command("badencoder")

@@ -308,8 +308,38 @@ def run_evaluate_stage(encoder_path: Path, task_names: list[str], out_dir: Path,
     return results
 
 
+def check_inputs(config: ExperimentConfig) -> None:
+    """Resolve every dataset an experiment reads (shadow, tasks, references) without
+    training: a missing dataset, a target class out of range or too few reference images
+    raise UserInputError."""
+    def resolve(dataset: str, split: str, root: str | None, limit: int | None) -> Any:
+        return load_dataset(dataset, split, image_size=config.image_size,  # type: ignore[arg-type]
+                            root=root or config.data_root, limit=limit, seed=config.seed)
+
+    for source in config.shadow:
+        resolve(source.dataset, source.split, source.root, source.limit)
+    for task in config.all_tasks():
+        resolve(task.dataset, "train", task.root, None)
+        test = resolve(task.dataset, "test", task.root, None)
+        for target in (t for t in config.targets if t.task == task.dataset):
+            check_target_class(task.dataset, test.classes, target.target_class)
+    for index, target in enumerate(config.targets):
+        spec = target.references
+        label = spec.label if spec.label is not None else target.target_class
+        labels = dataset_labels(resolve(spec.dataset, spec.split, spec.root, None))
+        if int(torch.count_nonzero(labels == label)) < spec.count:
+            raise UserInputError(f"targets.{index}.references: {spec.dataset}/{spec.split} "
+                                 f"has fewer than {spec.count} images of class {label}")
+
+
+def _dry_run(config: ExperimentConfig) -> list[str]:
+    check_inputs(config)
+    return [f"attack {config.name}: {config.encoder.arch}, {len(config.targets)} target(s), "
+            f"{config.attack.epochs} epochs"]
+
+
 def _run_kind(config: ExperimentConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     return run_badencoder_experiment(config, out_dir, resume)
 
 
-register_kind("badencoder", ExperimentConfig, _run_kind)
+register_kind("badencoder", ExperimentConfig, _run_kind, _dry_run)

@@ -266,8 +266,10 @@ def dry_run(grid: GridConfig) -> list[str]:
                 _resolve(grid, config.monitor_dataset(), split, config.monitor.root, None)
             lines.append(f"pretrain {encoder.name}: {config.simclr.arch}, "
                          f"{config.simclr.epochs} epochs → {pretrain_folder(grid, encoder)}")
+    from sslbackdoor.experiment import check_inputs
+
     for cell in plan_cells(grid):
-        _check_cell(grid, cell.config)
+        check_inputs(cell.config)
         lines.append(f"attack {cell.id}: {len(cell.config.targets)} target(s), "
                      f"{cell.config.attack.epochs} epochs")
     return lines
@@ -279,28 +281,6 @@ def _resolve(grid: GridConfig, dataset: str, split: str, root: str | None,
 
     return load_dataset(dataset, split, image_size=grid.image_size,  # type: ignore[arg-type]
                         root=root or grid.data_root, limit=limit, seed=grid.seed)
-
-
-def _check_cell(grid: GridConfig, config: ExperimentConfig) -> None:
-    import torch
-
-    from sslbackdoor.data.datasets import dataset_labels
-    from sslbackdoor.downstream.evaluate import check_target_class
-
-    for source in config.shadow:
-        _resolve(grid, source.dataset, source.split, source.root, source.limit)
-    for task in config.all_tasks():
-        _resolve(grid, task.dataset, "train", task.root, None)
-        test = _resolve(grid, task.dataset, "test", task.root, None)
-        for target in (t for t in config.targets if t.task == task.dataset):
-            check_target_class(task.dataset, test.classes, target.target_class)
-    for index, target in enumerate(config.targets):
-        spec = target.references
-        label = spec.label if spec.label is not None else target.target_class
-        labels = dataset_labels(_resolve(grid, spec.dataset, spec.split, spec.root, None))
-        if int(torch.count_nonzero(labels == label)) < spec.count:
-            raise UserInputError(f"targets.{index}.references: {spec.dataset}/{spec.split} "
-                                 f"has fewer than {spec.count} images of class {label}")
 
 
 def ensure_encoder(grid: GridConfig, encoder: GridEncoder) -> dict[str, Any]:
@@ -393,4 +373,4 @@ def _run_kind(config: GridConfig, out_dir: Path, resume: bool) -> dict[str, Any]
     return run_grid(config, out_dir, resume)
 
 
-register_kind("grid", GridConfig, _run_kind)
+register_kind("grid", GridConfig, _run_kind, dry_run)

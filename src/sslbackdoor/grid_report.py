@@ -8,6 +8,7 @@ against the swept value. ASR excludes test inputs of the target class (see metri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ PAPER_ROWS: dict[str, PaperRow] = {
     for row in (*BADENCODER_CIFAR_STL, *BADENCODER_IMAGENET, *BADENCODER_CLIP_MLP)}
 METRICS = ("ca", "ba", "asr_b", "asr")
 SWEEP_FIGURE = "sweep.png"
+ASR_BAR = 0.95  # the paper: ASR ≥ 95% ...
+BA_SLACK = 0.01  # ... with BA ≥ CA − 1 point
+RISE_SLACK = 0.01  # a sweep "rises" if no step falls by more than this
 
 
 def target_entry(results: dict[str, Any], cell: dict[str, Any], index: int) -> dict[str, Any]:
@@ -166,6 +170,70 @@ def scale_line(results: dict[str, Any]) -> str:
             f"the pattern (BA ≈ CA, ASR ≫ ASR-B), not the digits, unless the scale is `paper`.")
 
 
+def _attacked_pairs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, task entry) of every attacked pair; all-at-once cells are labelled so."""
+    pairs = []
+    for cell in results["cells"]:
+        together = " (all at once)" if len(cell["targets"]) > 1 else ""
+        suffix = f" [{cell['variable']}]" if cell["variable"] not in (None, "one", "all") else ""
+        for index in cell["targets"]:
+            pairs.append((_label(results, cell["encoder"], index) + together + suffix,
+                          target_entry(results, cell, index)))
+    return pairs
+
+
+def pair_findings(results: dict[str, Any]) -> list[str]:
+    """The paper's headline claim, checked on every attacked pair: ASR ≥ 95% with
+    BA ≥ CA − 1 point."""
+    pairs = _attacked_pairs(results)
+    failing = [(label, e) for label, e in pairs
+               if e["asr"] < ASR_BAR or e["ba"] < e["ca"] - BA_SLACK]
+    verdict = "holds" if not failing else "does not hold"
+    lines = [f"- ASR ≥ {100 * ASR_BAR:.0f}% with BA ≥ CA − {100 * BA_SLACK:.0f} point on every "
+             f"attacked pair: **{verdict}** ({len(pairs) - len(failing)} of {len(pairs)} "
+             f"pairs)."]
+    lines += [f"  - {label}: ASR {percent(e['asr'])}, CA {percent(e['ca'])}, BA "
+              f"{percent(e['ba'])}" for label, e in failing]
+    return lines
+
+
+def sweep_findings(results: dict[str, Any]) -> list[str]:
+    """ASR should rise with the swept value (shadow size or trigger side)."""
+    unit = "shadow-set size" if results["study"] == "shadow-size" else "trigger size"
+    series: dict[str, list[tuple[int, float]]] = {}
+    for cell in results["cells"]:
+        index = cell["targets"][0]
+        series.setdefault(_label(results, cell["encoder"], index), []).append(
+            (int(cell["variable"]), target_entry(results, cell, index)["asr"]))
+    lines = []
+    for label, points in series.items():
+        points.sort()
+        rises = all(b >= a - RISE_SLACK for (_, a), (_, b) in pairwise(points))
+        curve = ", ".join(f"{x} → {100 * asr:.2f}" for x, asr in points)
+        reached = next((x for x, asr in points if asr >= ASR_BAR), None)
+        threshold = (f"first ≥ {100 * ASR_BAR:.0f}% at {reached}" if reached is not None
+                     else f"never ≥ {100 * ASR_BAR:.0f}%")
+        lines.append(f"- {label}: ASR {'rises' if rises else '**does not rise**'} with {unit} "
+                     f"(no step down by more than {100 * RISE_SLACK:.0f} point): {curve}; "
+                     f"{threshold}.")
+    return lines
+
+
+FINDINGS = {
+    "table": pair_findings,
+    "multi-target": pair_findings,
+    "shadow-distribution": pair_findings,
+    "shadow-size": sweep_findings,
+    "trigger-size": sweep_findings,
+}
+
+
+def findings_section(results: dict[str, Any]) -> list[str]:
+    """The paper's findings for this study, checked against the measured numbers."""
+    return ["## Findings (measured here, at the scale above)",
+            "\n".join(FINDINGS[results["study"]](results))]
+
+
 STUDY_SECTIONS = {
     "table": table_section,
     "multi-target": multi_target_section,
@@ -183,7 +251,7 @@ def render_grid_report(results: dict[str, Any]) -> str:
         body = STUDY_SECTIONS[study](results)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
     parts = [f"# {results['name']}: BadEncoder grid ({study})", scale_line(results),
-             *encoders_section(results), *body,
+             *encoders_section(results), *body, *findings_section(results),
              f"Paper numbers: {BADENCODER_SOURCE}. ASR excludes test inputs of the target "
              f"class; each cell's folder (`cells/<id>/report.md`) also has `ASR (all)`.",
              f"Timings: {timings}."]

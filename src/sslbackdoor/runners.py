@@ -17,12 +17,14 @@ from pydantic import BaseModel, ValidationError
 from sslbackdoor.errors import UserInputError
 
 Runner = Callable[[Any, Path, bool], dict[str, Any]]
+DryRun = Callable[[Any], list[str]]
 
 
 @dataclass(frozen=True)
 class ExperimentKind:
     config_model: type[BaseModel]
     run: Runner  # (validated config, output folder, resume) → results dict
+    dry_run: DryRun | None = None  # resolve every input without training; one line per stage
 
 
 KINDS: dict[str, ExperimentKind] = {}
@@ -34,8 +36,9 @@ KIND_MODULES = {"badencoder": "sslbackdoor.experiment",
                 "defenses": "sslbackdoor.defenses.experiment"}
 
 
-def register_kind(name: str, config_model: type[BaseModel], run: Runner) -> None:
-    KINDS[name] = ExperimentKind(config_model, run)
+def register_kind(name: str, config_model: type[BaseModel], run: Runner,
+                  dry_run: DryRun | None = None) -> None:
+    KINDS[name] = ExperimentKind(config_model, run, dry_run)
 
 
 def experiment_kind(name: str) -> ExperimentKind:
@@ -55,6 +58,14 @@ def validate_experiment(raw: dict[str, Any], label: str) -> tuple[ExperimentKind
         return kind, kind.config_model.model_validate(raw)
     except ValidationError as exc:
         raise UserInputError(format_validation_error(exc, label)) from None
+
+
+def dry_run_experiment(raw: dict[str, Any], label: str = "config") -> list[str]:
+    """Validate a config and, where its kind can, resolve every input it would read;
+    nothing is trained or written. Returns the lines to print."""
+    kind, config = validate_experiment(raw, label)
+    lines = kind.dry_run(config) if kind.dry_run is not None else []
+    return [*lines, f"{label}: valid {raw.get('kind', 'badencoder')} experiment"]
 
 
 def run_experiment(raw: dict[str, Any], out_dir: Path, resume: bool = False,
