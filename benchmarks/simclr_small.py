@@ -33,10 +33,10 @@ from sslbackdoor.downstream.probe import ProbeConfig
 from sslbackdoor.engine import atomic_write_text
 from sslbackdoor.ssl.monitor import LabeledImages, knn_accuracy, linear_probe_accuracy
 from sslbackdoor.ssl.pretrain import (
+    ContrastiveConfig,
+    ContrastiveTrainer,
     MonitorConfig,
     PretrainConfig,
-    SimCLRConfig,
-    SimCLRTrainer,
     load_monitor_data,
     load_pretrain_images,
 )
@@ -81,13 +81,13 @@ def build_config(arch: str, args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig(
         name=f"bench-{arch}", seed=args.seed, device="cpu", image_size=32,
         data=[DataSource(dataset="fashion-mnist", split="train", limit=args.train_limit)],
-        simclr=SimCLRConfig(arch=arch, epochs=10_000, batch_size=args.batch_size),
+        simclr=ContrastiveConfig(arch=arch, epochs=10_000, batch_size=args.batch_size),
         monitor=MonitorConfig(bank_limit=args.probe_train_limit, test_limit=args.probe_test_limit,
                               probe=ProbeConfig(kind="linear", epochs=args.probe_epochs,
                                                 lr=1e-3, batch_size=256)))
 
 
-def evaluate(trainer: SimCLRTrainer, train: LabeledImages, test: LabeledImages,
+def evaluate(trainer: ContrastiveTrainer, train: LabeledImages, test: LabeledImages,
              args: argparse.Namespace) -> tuple[float, float]:
     encoder, device = trainer.model.encoder, trainer.device
     probe = trainer.config.monitor.probe
@@ -102,7 +102,7 @@ def measure(arch: str, images: torch.Tensor, args: argparse.Namespace) -> list[M
     """Train `arch` for the budget, evaluating at each checkpoint fraction."""
     config = build_config(arch, args)
     train, test = load_monitor_data(config)
-    trainer = SimCLRTrainer(config, torch.device("cpu"))
+    trainer = ContrastiveTrainer(config, torch.device("cpu"))
     batch = config.simclr.batch_size
     budget = float(args.images) if args.images else args.minutes * 60
     marks = sorted(float(f) * budget for f in args.checkpoints.split(","))

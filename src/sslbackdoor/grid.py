@@ -45,7 +45,7 @@ from sslbackdoor.engine import atomic_write_text, resolve_device
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.progress import log
 from sslbackdoor.runners import register_kind
-from sslbackdoor.ssl.pretrain import MonitorConfig, PretrainConfig, SimCLRConfig, pretrain_hash
+from sslbackdoor.ssl.pretrain import ContrastiveConfig, MonitorConfig, PretrainConfig, pretrain_hash
 
 RESULTS_SCHEMA = "sslbackdoor.grid/1"
 Study = Literal["table", "multi-target", "shadow-size", "trigger-size", "shadow-distribution"]
@@ -56,7 +56,7 @@ class PretrainSpec(Strict):
     """SimCLR pre-training of a grid encoder (seed, device and image size: the grid's)."""
 
     data: list[DataSource] = Field(..., min_length=1)
-    simclr: SimCLRConfig = SimCLRConfig()
+    simclr: ContrastiveConfig = ContrastiveConfig()
     monitor: MonitorConfig = MonitorConfig()
 
 

@@ -1,4 +1,5 @@
-"""Two gloo processes under torchrun train exactly like one process on the global batch."""
+"""Two gloo processes under torchrun train exactly like one process on the global batch
+(SimCLR and MoCo v2)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ ARGS = ["pretrain", "simclr", "--dataset", "sklearn-digits", "--limit", "32",
         "--monitor-limit", "40", "--device", "cpu", "--seed", "1", "--quiet"]
 
 
-def _run_both(tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _run_both(tmp_path: Path, args: list[str] = ARGS
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "sslbackdoor", *ARGS, "--out", str(tmp_path / "ddp")],
+         "-m", "sslbackdoor", *args, "--out", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=240, check=False)
     assert launched.returncode == 0, launched.stderr[-2000:]
-    main([*ARGS, "--out", str(tmp_path / "single")])
+    main([*args, "--out", str(tmp_path / "single")])
     return (load_file(str(tmp_path / "ddp" / "training_state.safetensors")),
             load_file(str(tmp_path / "single" / "training_state.safetensors")))
 
@@ -63,4 +65,33 @@ def test_one_step_on_two_gloo_processes_equals_one_process(tmp_path: Path) -> No
         assert torch.allclose(ours[determined], theirs[determined], atol=1e-6), name
         assert (ours - theirs).abs().max() <= 2 * LR + 1e-6, name
     assert determined_count > 0.99 * counted
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2
+
+
+MOCO_ARGS = ["pretrain", "moco", *ARGS[2:], "--queue-size", "64", "--bn-splits", "4"]
+
+
+def test_moco_step_on_two_gloo_processes_equals_one_process(tmp_path: Path) -> None:
+    """One MoCo v2 step (SGD) on a global batch of 32: each process computed the queries of
+    its 16 images (global BatchNorm) and the keys of its 2 of the 4 shuffled-BN chunks, then
+    gathered the keys, so both processes enqueued the single process's 32 keys."""
+    ddp, single = _run_both(tmp_path, MOCO_ARGS)
+    assert ddp.keys() == single.keys()
+
+    def loss(folder: str) -> float:
+        results = json.loads((tmp_path / folder / "results.json").read_text())
+        return float(results["history"][0]["loss"])
+
+    assert abs(loss("ddp") - loss("single")) < 1e-5
+    assert int(ddp["model.queue.position"]) == int(single["model.queue.position"]) == 32
+    assert torch.allclose(ddp["model.queue.keys"], single["model.queue.keys"],
+                          atol=1e-6, rtol=1e-4)
+    # Keys enqueued this step replaced the random initial keys in rows 0..31 only.
+    assert torch.equal(ddp["model.queue.keys"][32:], single["model.queue.keys"][32:])
+    for key in single:
+        # Online and key network weights, BatchNorm statistics; SGD's momentum buffers hold
+        # the first step's gradients (plus weight decay), ten times Adam's exp_avg that the
+        # SimCLR test compares with atol 1e-6: the same tolerance on the gradients.
+        atol = 1e-5 if key.endswith(".momentum_buffer") else 1e-6
+        assert torch.allclose(ddp[key], single[key], atol=atol, rtol=1e-4), key
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2

@@ -44,7 +44,7 @@ from sslbackdoor.metrics import accuracy, attack_success_rate
 from sslbackdoor.models.checkpoints import load_encoder
 from sslbackdoor.progress import log
 from sslbackdoor.runners import register_kind
-from sslbackdoor.ssl.pretrain import MonitorConfig, PretrainConfig, SimCLRConfig, run_pretrain
+from sslbackdoor.ssl.pretrain import ContrastiveConfig, MonitorConfig, PretrainConfig, run_pretrain
 
 Method = Literal["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
                  "poisonedencoder", "ctrl"]
@@ -88,7 +88,7 @@ class PoisoningExperimentConfig(Strict):
     image_size: int = Field(32, ge=8)
     data_root: str | None = None
     pretrain_data: list[DataSource] = Field(..., min_length=1)
-    simclr: SimCLRConfig = SimCLRConfig()
+    simclr: ContrastiveConfig = ContrastiveConfig()
     methods: list[Method] = Field(default_factory=lambda: list(ALL_METHODS))
     localized_crop: list[bool] = Field(default_factory=lambda: [False, True])
     poison_ratio: float = Field(0.005, gt=0, le=0.05, description="poisons / clean images")

@@ -1,8 +1,14 @@
 """MoCo v2 (Chen et al. 2020), as CorruptEncoder pre-trains its encoders.
 
-Pure pieces: the InfoNCE loss against a queue of negatives, the momentum (EMA) update of
-the key encoder, and the fixed-size key queue. CorruptEncoder's setting: τ 0.2, queue
-65,536, momentum 0.999, SGD lr 0.06 with a cosine schedule, 2-layer MLP head.
+* `moco_loss`: InfoNCE of queries against their keys (positives) and a queue (negatives).
+* `momentum_update` / `momentum_copy`: the key network as an EMA of the online network.
+* `KeyQueue`: the fixed-size first-in first-out queue of earlier keys, a module whose
+  buffers (keys, position) are saved and restored with the rest of the training state.
+* `MoCoModel`: online network (encoder + 2-layer MLP head, `SimCLRModel`), key network and
+  queue in one module; `keys` emulates MoCo's shuffled BatchNorm on one process.
+
+CorruptEncoder's setting: τ 0.2, queue 65,536, momentum 0.999, SGD lr 0.06 with a cosine
+schedule, 2-layer MLP head. The training loop is `ssl.pretrain.ContrastiveTrainer`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sslbackdoor.models.encoders import Encoder
+from sslbackdoor.ssl.simclr import SimCLRModel
 
 
 def moco_loss(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor,
@@ -51,21 +60,100 @@ def momentum_copy(online: nn.Module) -> nn.Module:
     return target
 
 
-class KeyQueue:
-    """A first-in first-out queue of K keys [K,D], initialised with random unit vectors."""
+class KeyQueue(nn.Module):
+    """A first-in first-out queue of K keys, initialised with random unit vectors.
+
+    Buffers (saved in the state dict): `keys` float32 [K,D] (L2-normalised rows) and
+    `position` int64 [] — the row the next key goes to; `pointer` is it as an int.
+    """
+
+    keys: torch.Tensor
+    position: torch.Tensor
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
         if size < 1:
             raise ValueError(f"queue size must be positive, got {size}")
-        self.keys = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
-        self.pointer = 0
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator),
+                                                 dim=1))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))
 
+    @property
+    def pointer(self) -> int:
+        return int(self.position)
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.shape[0])
+
+    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Replace the oldest entries by keys [N,D] (N ≤ K), wrapping around."""
         keys = F.normalize(keys.detach().float(), dim=1).to(self.keys.device)
-        size = self.keys.shape[0]
+        size = self.size
         if keys.shape[0] > size:
             raise ValueError(f"cannot enqueue {keys.shape[0]} keys into a queue of {size}")
-        index = (self.pointer + torch.arange(keys.shape[0])) % size
+        index = (self.position + torch.arange(keys.shape[0], device=self.keys.device)) % size
         self.keys[index] = keys
-        self.pointer = int((self.pointer + keys.shape[0]) % size)
+        self.position.copy_((self.position + keys.shape[0]) % size)
+
+
+def unshuffle(shuffled: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Undo `x[order]`: rows [N,...] in shuffled order → rows in the original order."""
+    out = torch.empty_like(shuffled)
+    out[order.to(shuffled.device)] = shuffled
+    return out
+
+
+class MoCoModel(nn.Module):
+    """MoCo v2: online network, momentum key network and key queue in one module.
+
+    `online` is a `SimCLRModel` (encoder + Linear-BN-ReLU-Linear head, as MoCo v2);
+    `key_network` its frozen momentum copy; `queue` a `KeyQueue` [queue_size, out_dim].
+    `forward(images [B,3,H,W] in [0,1])` → online projections [B,out_dim];
+    `encoder` is the online encoder (what pre-training produces).
+    """
+
+    def __init__(self, online: SimCLRModel, queue_size: int = 65536,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.online = online
+        self.key_network = momentum_copy(online)
+        out_dim = [m for m in online.head.modules() if isinstance(m, nn.Linear)][-1].out_features
+        self.queue = KeyQueue(queue_size, out_dim, generator)
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.online.encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.online(images)
+
+    @torch.no_grad()
+    def key_projections(self, images: torch.Tensor, splits: int) -> torch.Tensor:
+        """Key network on images [B,3,H,W] cut into `splits` equal consecutive chunks, each
+        run separately (its own BatchNorm batch statistics) → float [B,out_dim]."""
+        if splits < 1 or images.shape[0] % splits:
+            raise ValueError(f"cannot split a batch of {images.shape[0]} into {splits} "
+                             f"equal BatchNorm chunks")
+        return torch.cat([self.key_network(chunk).float()
+                          for chunk in images.chunk(splits)])
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor, bn_splits: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Key projections of images [B,3,H,W] → float [B,out_dim], without gradient.
+
+        Shuffled BatchNorm on one process: the batch is permuted with `generator` (a CPU
+        generator), cut into `bn_splits` chunks of B/bn_splits that each get their own
+        BatchNorm statistics (as the per-GPU batches of MoCo's multi-GPU shuffle), and
+        the keys are put back into the input order.
+        """
+        order = torch.randperm(images.shape[0], generator=generator)
+        shuffled = self.key_projections(images[order.to(images.device)], bn_splits)
+        return unshuffle(shuffled, order)
+
+    @torch.no_grad()
+    def update_key_network(self, momentum: float) -> None:
+        """key ← m·key + (1−m)·online (parameters); BatchNorm buffers copied."""
+        momentum_update(self.online, self.key_network, momentum)

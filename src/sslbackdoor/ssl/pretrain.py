@@ -1,26 +1,36 @@
-"""SimCLR pre-training stage: config, training loop, checkpoint every epoch, exact resume.
+"""Contrastive pre-training stage (SimCLR or MoCo v2): config, training loop, checkpoint
+every epoch, exact resume.
+
+`simclr.method` picks the method: SimCLR (NT-Xent over the two views of the batch) or
+MoCo v2 (InfoNCE of online queries against momentum keys and a queue of earlier keys;
+`ssl.moco`). Both share the views, the encoder + MLP head, the optimizer (Adam or SGD with
+momentum 0.9) and the learning-rate schedule (constant or cosine, set every epoch).
 
 Writes into the output folder (rank 0 only when distributed):
   config.yaml                  the resolved config
-  training_state.safetensors   model + head + Adam state after the last finished epoch
-  encoder.safetensors          the pre-trained encoder (backbone only), via save_encoder
+  training_state.safetensors   after the last finished epoch: the model (SimCLR: encoder +
+                               head; MoCo: online network, key network and the key queue's
+                               buffers) and the optimizer state
+  encoder.safetensors          the pre-trained (online) encoder, backbone only, via save_encoder
   results.json                 loss / kNN accuracy per epoch, final kNN and linear probe
 
 Resuming replays nothing: every epoch draws its batch order and view parameters from a
-generator seeded by (seed, epoch), so a resumed run makes exactly the views and updates
-the uninterrupted run would have made.
+generator seeded by (seed, epoch), and MoCo's key shuffles from a second stream seeded by
+(seed, epoch, 1), so a resumed run makes exactly the views and updates the uninterrupted
+run would have made.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.nn.parallel import DistributedDataParallel
 
 from sslbackdoor.config import DataSource, dump_config, format_validation_error
@@ -47,6 +57,7 @@ from sslbackdoor.ssl.distributed import (
     local_slice,
     mean_over_processes,
 )
+from sslbackdoor.ssl.moco import MoCoModel, moco_loss, unshuffle
 from sslbackdoor.ssl.monitor import LabeledImages, knn_accuracy, linear_probe_accuracy
 from sslbackdoor.ssl.simclr import (
     AugmentConfig,
@@ -65,8 +76,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SimCLRConfig(Strict):
-    """Everything that determines the weights; defaults are BadEncoder's CIFAR10 setting."""
+class MoCoSettings(Strict):
+    """MoCo v2's key network and queue; defaults are CorruptEncoder's setting."""
+
+    queue_size: int = Field(65536, ge=1, description="keys kept as negatives (≥ batch_size)")
+    momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the key network")
+    bn_splits: int = Field(8, ge=1, description="chunks of the shuffled key batch with their "
+                                                "own BatchNorm statistics (shuffled BN)")
+
+
+class ContrastiveConfig(Strict):
+    """Everything that determines the weights; defaults are BadEncoder's CIFAR10 SimCLR
+    setting (CorruptEncoder's MoCo v2: method moco-v2, temperature 0.2, lr 0.06, optimizer
+    sgd, schedule cosine, weight_decay 1e-4)."""
 
     arch: str = Field("resnet18-cifar", description="registered encoder, e.g. convnet-small")
     epochs: int = Field(1000, ge=1)
@@ -78,6 +100,43 @@ class SimCLRConfig(Strict):
     projection_dim: int = Field(128, ge=1)
     precision: Literal["bf16", "fp32"] = "bf16"
     augment: AugmentConfig = AugmentConfig()
+    method: Literal["simclr", "moco-v2"] = Field("simclr", description="simclr | moco-v2")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with "
+                                                                  "momentum 0.9")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate per epoch: constant, or cosine "
+                                "lr·½(1+cos(π·epoch/epochs))")
+    moco: MoCoSettings | None = Field(None, description="moco-v2 only (defaults if omitted)")
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> ContrastiveConfig:
+        if self.method == "simclr":
+            if self.moco is not None:
+                raise ValueError("`moco` settings apply only to method moco-v2 (this config "
+                                 "has method simclr); remove `moco` or set method: moco-v2")
+            return self
+        if self.moco is None:
+            self.moco = MoCoSettings()
+        splits = self.moco.bn_splits
+        if self.batch_size % splits or self.batch_size // splits < 2:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
+                             f"moco.bn_splits {splits} with at least 2 images per chunk")
+        if self.moco.queue_size < self.batch_size:
+            raise ValueError(f"moco.queue_size {self.moco.queue_size} is smaller than one "
+                             f"batch ({self.batch_size})")
+        return self
+
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of (0-based) `epoch`: lr, or with the cosine schedule
+        lr·½·(1+cos(π·epoch/epochs)); the trainer sets it at the start of every epoch."""
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+# Fields added after encoders were cached: hashed only when they differ from their default,
+# so that every earlier config keeps its cache key.
+_LATER_FIELDS = ("method", "optimizer", "schedule", "moco")
 
 
 class MonitorConfig(Strict):
@@ -97,7 +156,7 @@ class MonitorConfig(Strict):
 
 
 class PretrainConfig(Strict):
-    """A SimCLR pre-training run."""
+    """A contrastive pre-training run (the `simclr` field holds SimCLR's or MoCo's settings)."""
 
     name: str = "simclr"
     seed: int = 0
@@ -106,7 +165,7 @@ class PretrainConfig(Strict):
     data_root: str | None = None
     download: bool = Field(False, description="let torchvision download missing datasets")
     data: list[DataSource] = Field(..., min_length=1, description="unlabeled training images")
-    simclr: SimCLRConfig = SimCLRConfig()
+    simclr: ContrastiveConfig = ContrastiveConfig()
     monitor: MonitorConfig = MonitorConfig()
 
     def monitor_dataset(self) -> str:
@@ -125,10 +184,17 @@ def pretrain_hash(config: PretrainConfig, include_epochs: bool = True) -> str:
     where they run or how they are monitored: the encoder cache key.
 
     Without epochs it identifies the training trajectory, which a resumed run may extend
-    (there is no learning-rate schedule, so epoch k is the same in a longer run).
+    (with a constant learning rate epoch k is the same in a longer run; with the cosine
+    schedule it depends on the total, so epochs stay in). Fields added later (method,
+    optimizer, schedule, moco) are left out while at their defaults: old keys still match.
     """
-    simclr = config.simclr.model_dump(mode="json", exclude=None if include_epochs
-                                      else {"epochs"})
+    settings = config.simclr
+    simclr = settings.model_dump(mode="json")
+    for name in _LATER_FIELDS:
+        if getattr(settings, name) == ContrastiveConfig.model_fields[name].default:
+            del simclr[name]
+    if not include_epochs and settings.schedule == "constant":
+        del simclr["epochs"]
     key = {"format": CACHE_FORMAT, "seed": config.seed, "image_size": config.image_size,
            "data": [s.model_dump(mode="json", exclude={"root"}) for s in config.data],
            "simclr": simclr}
@@ -162,8 +228,14 @@ def load_monitor_data(config: PretrainConfig) -> tuple[LabeledImages, LabeledIma
     return sets[0], sets[1]
 
 
-class SimCLRTrainer:
-    """Owns the model, optimizer and views; `train_epoch` is one pass over the data."""
+class ContrastiveTrainer:
+    """Owns the model, optimizer and views of a SimCLR or MoCo v2 run; `train_epoch` is one
+    pass over the data.
+
+    `model` is a `SimCLRModel` (SimCLR) or a `MoCoModel` (MoCo v2: online network, key
+    network and queue); either way `model.encoder` is the encoder being pre-trained and
+    `model` as a whole is what the training state saves.
+    """
 
     def __init__(self, config: PretrainConfig, device: torch.device,
                  context: DistContext | None = None) -> None:
@@ -172,22 +244,56 @@ class SimCLRTrainer:
         simclr = config.simclr
         local_slice(simclr.batch_size, self.context)  # fails early on an indivisible batch
         seed_everything(config.seed)
-        model = SimCLRModel(build_encoder(simclr.arch), simclr.hidden_dim, simclr.projection_dim)
-        if self.context.enabled:
-            model = convert_global_batchnorm(model, device)  # type: ignore[assignment]
-        self.model: SimCLRModel = prepare_module(model, device)
+        online = SimCLRModel(build_encoder(simclr.arch), simclr.hidden_dim, simclr.projection_dim)
+        model: SimCLRModel | MoCoModel
+        if simclr.method == "moco-v2":
+            assert simclr.moco is not None
+            if simclr.moco.bn_splits % self.context.world_size:
+                raise UserInputError(f"simclr.moco.bn_splits {simclr.moco.bn_splits} is not "
+                                     f"divisible by the {self.context.world_size} processes")
+            model = MoCoModel(online, simclr.moco.queue_size)
+            if self.context.enabled:  # global statistics for queries; keys keep their chunks
+                model.online = cast(SimCLRModel, convert_global_batchnorm(model.online, device))
+        else:
+            model = online
+            if self.context.enabled:
+                model = convert_global_batchnorm(model, device)  # type: ignore[assignment]
+        self.model: SimCLRModel | MoCoModel = prepare_module(model, device)
         self.network: torch.nn.Module = self.model
         if self.context.enabled:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)  # BatchNorm statistics are global already
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=simclr.lr,
-                                          weight_decay=simclr.weight_decay,
-                                          fused=device.type in ("cpu", "cuda"))
+        self.optimizer = self._optimizer()
         self.views = SimCLRViews(config.image_size, simclr.augment)
 
-    def epoch_generator(self, epoch: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+    def _optimizer(self) -> torch.optim.Optimizer:
+        simclr = self.config.simclr
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.device.type in ("cpu", "cuda")
+        if simclr.optimizer == "sgd":
+            return torch.optim.SGD(parameters, lr=simclr.lr, momentum=0.9,
+                                   weight_decay=simclr.weight_decay, fused=fused)
+        return torch.optim.Adam(parameters, lr=simclr.lr, weight_decay=simclr.weight_decay,
+                                fused=fused)
+
+    @property
+    def label(self) -> str:
+        return "MoCo v2" if self.config.simclr.method == "moco-v2" else "SimCLR"
+
+    def epoch_generator(self, epoch: int, stream: int = 0) -> torch.Generator:
+        """The CPU generator of one epoch's draws, seeded by (seed, epoch, stream): stream 0
+        draws the batch order and the view parameters, stream 1 MoCo's key shuffles."""
+        if stream == 0:
+            return torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        digest = hashlib.sha256(f"{self.config.seed}/{epoch}/{stream}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def set_learning_rate(self, epoch: int) -> float:
+        lr = self.config.simclr.learning_rate(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def train_epoch(self, images: torch.Tensor, epoch: int) -> dict[str, float]:
         """One epoch over uint8 images [N,3,H,W] (drop_last) → mean loss and speed."""
@@ -196,23 +302,31 @@ class SimCLRTrainer:
         if steps == 0:
             raise UserInputError(f"{images.shape[0]} training images are fewer than one batch "
                                  f"({batch}); lower simclr.batch_size")
+        self.set_learning_rate(epoch)
         generator = self.epoch_generator(epoch)
+        key_generator = (self.epoch_generator(epoch, stream=1)
+                         if isinstance(self.model, MoCoModel) else None)
         order = torch.randperm(images.shape[0], generator=generator)
         self.model.train()
         started, total = time.perf_counter(), 0.0
-        for step in track(range(steps), f"SimCLR epoch {epoch + 1}", total=steps):
+        for step in track(range(steps), f"{self.label} epoch {epoch + 1}", total=steps):
             index = order[step * batch:(step + 1) * batch]
             params = self.views.sample_pairs(batch, images.shape[-2], images.shape[-1],
                                              generator)
-            total += float(self.step(images[index], params))
+            total += float(self.step(images[index], params, key_generator))
         seconds = time.perf_counter() - started
         loss = mean_over_processes(total / steps, self.context, self.device)
         return {"loss": loss, "seconds": round(seconds, 3),
                 "images_per_second": round(steps * batch / seconds, 2)}
 
-    def step(self, batch: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """One update on a global batch (uint8 [B,3,H,W]) with view params of 2B views;
-        a distributed process uses only its slice of both. Returns the (local) loss."""
+    def step(self, batch: torch.Tensor, params: ViewParams,
+             key_generator: torch.Generator | None = None) -> torch.Tensor:
+        """One update on a global batch (uint8 [B,3,H,W]) with view params of 2B views
+        (rows i and B+i: the two views of image i); a distributed process uses only its
+        slice of both. MoCo draws its key shuffle from `key_generator`. Returns the
+        (local) loss."""
+        if isinstance(self.model, MoCoModel):
+            return self._moco_step(self.model, batch, params, key_generator)
         size = batch.shape[0]
         part = local_slice(size, self.context)
         local = to_device_images(batch[part], self.device)
@@ -227,6 +341,49 @@ class SimCLRTrainer:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def _moco_step(self, model: MoCoModel, batch: torch.Tensor, params: ViewParams,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """Queries = online(view 1) of this process's slice; keys = key network(view 2) of
+        the global batch; InfoNCE against the queue; then the optimizer step, the momentum
+        update of the key network and the keys (the same on every process) enqueued."""
+        simclr = self.config.simclr
+        assert simclr.moco is not None
+        size = batch.shape[0]
+        part = local_slice(size, self.context)
+        local = to_device_images(batch[part], self.device)
+        queries_in = self.views.apply(local, params[part])
+        with autocast(self.device, simclr.precision == "bf16"):
+            queries = self.network(queries_in.contiguous(memory_format=torch.channels_last))
+            keys = self._moco_keys(model, batch, params[size:], generator)
+        loss = moco_loss(queries.float(), keys[part.start:part.stop], model.queue.keys,
+                         simclr.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        model.update_key_network(simclr.moco.momentum)
+        model.queue.enqueue(keys)
+        return loss.detach()
+
+    def _moco_keys(self, model: MoCoModel, batch: torch.Tensor, params: ViewParams,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """Key projections float [B,D] of the second views of the global batch uint8
+        [B,3,H,W] (params of B views), identical on every process.
+
+        Shuffled BatchNorm: the batch is permuted with `generator` and cut into bn_splits
+        chunks with their own statistics; each process computes the views and keys of its
+        contiguous share of the shuffled batch (bn_splits / world_size chunks), the shares
+        are gathered and put back in order. Alone, this is `MoCoModel.keys` on all views.
+        """
+        assert self.config.simclr.moco is not None
+        size = batch.shape[0]
+        order = torch.randperm(size, generator=generator)
+        mine = order[local_slice(size, self.context)]
+        views = self.views.apply(to_device_images(batch[mine], self.device), params[mine])
+        splits = self.config.simclr.moco.bn_splits // self.context.world_size
+        local = model.key_projections(views.contiguous(memory_format=torch.channels_last),
+                                      splits)
+        return unshuffle(gather_rows(local, self.context), order)
 
     def _anchors(self, part: slice, size: int) -> torch.Tensor | None:
         if not self.context.enabled:
@@ -251,7 +408,7 @@ def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
     else:
         provenance = [{"images": int(images.shape[0]), "source": "given by the caller"}]
     monitor = load_monitor_data(config) if context.is_main else None
-    trainer = SimCLRTrainer(config, device, context)
+    trainer = ContrastiveTrainer(config, device, context)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_config(config))
@@ -264,7 +421,7 @@ def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
     return results
 
 
-def _train(trainer: SimCLRTrainer, images: torch.Tensor, out_dir: Path, resume: bool,
+def _train(trainer: ContrastiveTrainer, images: torch.Tensor, out_dir: Path, resume: bool,
            monitor: tuple[LabeledImages, LabeledImages] | None) -> list[dict[str, Any]]:
     config, context = trainer.config, trainer.context
     state_path = out_dir / "training_state.safetensors"
@@ -289,25 +446,25 @@ def _train(trainer: SimCLRTrainer, images: torch.Tensor, out_dir: Path, resume: 
     return history
 
 
-def _resume(trainer: SimCLRTrainer, path: Path) -> tuple[int, list[dict[str, Any]]]:
+def _resume(trainer: ContrastiveTrainer, path: Path) -> tuple[int, list[dict[str, Any]]]:
     state = load_training_state(path, trainer.model, trainer.optimizer)
     expected = pretrain_hash(trainer.config, include_epochs=False)
     if state.extras.get("trajectory") != expected:
         raise UserInputError(f"{path} was written by a different pre-training config "
                              f"(data, seed or hyper-parameters differ); use a new --out "
                              f"folder or run without --resume")
-    log(f"resuming SimCLR from {path} after epoch {state.epoch}")
+    log(f"resuming {trainer.label} from {path} after epoch {state.epoch}")
     return state.epoch, list(state.extras.get("history", []))
 
 
-def _knn(trainer: SimCLRTrainer, monitor: tuple[LabeledImages, LabeledImages]) -> float:
+def _knn(trainer: ContrastiveTrainer, monitor: tuple[LabeledImages, LabeledImages]) -> float:
     settings = trainer.config.monitor
     return round(knn_accuracy(trainer.model.encoder, monitor[0], monitor[1], trainer.device,
                               settings.knn_k, settings.knn_t,
                               trainer.config.simclr.precision), 5)
 
 
-def _final_results(trainer: SimCLRTrainer, history: list[dict[str, Any]],
+def _final_results(trainer: ContrastiveTrainer, history: list[dict[str, Any]],
                    monitor: tuple[LabeledImages, LabeledImages],
                    provenance: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     config = trainer.config
@@ -325,7 +482,7 @@ def _final_results(trainer: SimCLRTrainer, history: list[dict[str, Any]],
             config.monitor.probe, config.seed, config.simclr.precision), 5)
     seconds = sum(float(h["seconds"]) for h in history)
     trained = sum(float(h["seconds"]) * float(h["images_per_second"]) for h in history)
-    return {"schema": RESULTS_SCHEMA, "kind": "pretrain-simclr", "name": config.name,
+    return {"schema": RESULTS_SCHEMA, "kind": f"pretrain-{config.simclr.method}", "name": config.name,
             "config": config.model_dump(mode="json"), "config_hash": pretrain_hash(config),
             "history": history, "final": final,
             "encoder": {"file": encoder_path.name, "arch": trainer.model.encoder.name,
