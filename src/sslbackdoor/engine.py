@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import tempfile
@@ -35,9 +36,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UserInputError(f"unknown device {name!r}; valid: auto, cpu, cuda")
 
 
+@functools.cache
+def cpu_runs_bf16_natively() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16/AMX class).
+
+    Without them bf16 is emulated: measured on a 2-core AVX2-only EPYC, a convnet-small
+    forward+backward at batch 64 took 4.7 s under bf16 autocast against 0.50 s in fp32.
+    """
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def uses_bf16(device: torch.device, requested: bool = True) -> bool:
+    """bf16 autocast where it is the fast path: CUDA, and CPUs with native bf16."""
+    return requested and (device.type != "cpu" or cpu_runs_bf16_natively())
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU and CUDA: the measured fast path for conv nets on both."""
-    if not enabled:
+    """bf16 autocast on CUDA and on CPUs with native bf16 (the measured fast path for conv
+    nets there); fp32 elsewhere, where emulated bf16 is several times slower."""
+    if not uses_bf16(device, enabled):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

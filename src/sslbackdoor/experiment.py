@@ -32,7 +32,13 @@ from sslbackdoor.downstream.evaluate import (
 )
 from sslbackdoor.downstream.features import encode
 from sslbackdoor.downstream.zeroshot import prepare_zero_shot, zero_shot_for_experiment
-from sslbackdoor.engine import atomic_write_text, prepare_module, resolve_device, seed_everything
+from sslbackdoor.engine import (
+    atomic_write_text,
+    prepare_module,
+    resolve_device,
+    seed_everything,
+    uses_bf16,
+)
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder, save_encoder
 from sslbackdoor.models.encoders import Encoder
@@ -211,7 +217,7 @@ def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
 def environment(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "python": platform.python_version()}
+            "bf16": uses_bf16(device), "python": platform.python_version()}
 
 
 def evaluate_all(config: ExperimentConfig, tasks: dict[str, TaskData],

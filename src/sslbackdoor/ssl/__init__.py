@@ -1,1 +1,2 @@
-"""Self-supervised pre-training (SimCLR): losses as pure functions, batched views, train loop."""
+"""Self-supervised pre-training (SimCLR, MoCo v2): losses as pure functions, batched views,
+one train loop for both methods."""
