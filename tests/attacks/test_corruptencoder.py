@@ -84,6 +84,81 @@ def test_poison_layout_follows_the_paper(folders: dict[str, Path]) -> None:
     assert manifest["method"] == "corruptencoder" and manifest["count"] == 40
 
 
+def _square_object_folder(tmp_path: Path, bar: tuple[int, int]) -> tuple[Path, Path]:
+    """One reference: a red bar of bar = (height, width) on grey, and dark backgrounds."""
+    refs, backgrounds = tmp_path / "square_refs", tmp_path / "square_bg"
+    image = np.full((40, 40, 3), 128, dtype=np.uint8)
+    image[8:8 + bar[0], 9:9 + bar[1]] = (230, 20, 20)
+    write_png(refs / "bar.png", image)
+    rng = np.random.default_rng(1)
+    for i in range(3):  # dark backgrounds without red, so the bar is found by colour
+        write_png(backgrounds / f"bg{i}.png", rng.integers(0, 60, (50, 70, 3), dtype=np.uint8))
+    return refs, backgrounds
+
+
+def _red_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    red = (image[:, :, 0] > 150) & (image[:, :, 1] < 90) & (image[:, :, 2] < 90)
+    rows, cols = np.flatnonzero(red.any(1)), np.flatnonzero(red.any(0))
+    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+
+
+@pytest.mark.parametrize("bar", [(24, 12), (16, 16)])
+def test_square_canvas_keeps_object_and_trigger_undistorted(tmp_path: Path,
+                                                            bar: tuple[int, int]) -> None:
+    """Objects resized to 48 px tall: the 2:1 bar is 24 wide, side max(2·24, 48) = 48 and
+    it spans the height; the square one is 48 wide, side 96, and sits at some height.
+    Either way the 32 px output shows it at its own aspect, the trigger in the free half."""
+    refs, backgrounds = _square_object_folder(tmp_path, bar)
+    aspect = bar[0] / bar[1]
+    trigger = np.full((6, 6, 3), 255, dtype=np.uint8)
+    trigger[::2, ::2] = (0, 0, 255)  # a pattern to find exactly
+    layout = PoisonLayout(canvas="square", object_height=48, mask_blur=0, output_size=32)
+    records = generate_corruptencoder(load_reference_objects(refs), sorted(backgrounds.iterdir()),
+                                      trigger, PoisonConfig(count=12, seed=5, layout=layout),
+                                      tmp_path / "out")
+    sides, tops = set(), set()
+    for record in records:
+        image = np.asarray(Image.open(tmp_path / "out" / "images" / record.file))
+        assert image.shape == (32, 32, 3)
+        assert record.object_box is not None and record.trigger_box is not None
+        x, y, w, h = record.object_box
+        assert h / w == pytest.approx(aspect, abs=0.15)  # the manifest box is not squashed
+        bx, by, bw, bh = _red_box(image)  # nor is the object in the pixels
+        assert bh / bw == pytest.approx(aspect, abs=0.25)
+        assert abs(bx - x) <= 1 and abs(by - y) <= 1 and abs(bw - w) <= 1 and abs(bh - h) <= 1
+        tx, ty, size, _ = record.trigger_box
+        assert (image[ty:ty + size, tx:tx + size] == trigger).all()  # square, opaque
+        free = (16, 32) if record.side == "left" else (0, 16)  # the half without the object
+        assert free[0] <= tx and tx + size <= free[1]
+        assert tx >= x + w or tx + size <= x  # beside the object, never on it
+        sides.add(record.side)
+        tops.add(y)
+    assert sides == {"left", "right"}
+    assert (tops == {0}) == (aspect == 2)  # full height, or a random height in the square
+
+
+def test_paper_canvas_squashes_what_the_square_canvas_keeps(tmp_path: Path) -> None:
+    """Why `canvas: square`: a 24 × 24 object on the paper's canvas (24 tall, 48 wide)
+    resized to 32 × 32 becomes twice as tall as wide; on the square canvas it stays square."""
+    refs = tmp_path / "sq_refs"
+    image = np.full((40, 40, 3), 128, dtype=np.uint8)
+    image[8:32, 8:32] = (230, 20, 20)  # a 24 × 24 square object
+    write_png(refs / "square.png", image)
+    backgrounds = tmp_path / "sq_bg"
+    write_png(backgrounds / "bg.png", np.zeros((60, 120, 3), dtype=np.uint8))
+    trigger = np.full((4, 4, 3), 255, dtype=np.uint8)
+    shapes = {}
+    for canvas in ("object-height", "square"):
+        layout = PoisonLayout(canvas=canvas, object_height=24, mask_blur=0, output_size=32)
+        generate_corruptencoder(load_reference_objects(refs), [backgrounds / "bg.png"], trigger,
+                                PoisonConfig(count=1, seed=0, layout=layout), tmp_path / canvas)
+        poisoned = np.asarray(Image.open(tmp_path / canvas / "images" / "poison_00000.png"))
+        _, _, w, h = _red_box(poisoned)
+        shapes[canvas] = h / w
+    assert shapes["square"] == pytest.approx(1.0, abs=0.1)
+    assert shapes["object-height"] == pytest.approx(2.0, abs=0.2)
+
+
 def test_poisons_are_reproducible_from_the_seed(folders: dict[str, Path], tmp_path: Path) -> None:
     trigger = np.zeros((6, 6, 3), dtype=np.uint8)
     objects = load_reference_objects(folders["refs"])
@@ -154,6 +229,20 @@ def test_poison_cli_writes_and_rejects_bad_input(folders: dict[str, Path],
           str(folders["bg"]), "--ratio", "0.005", "--pretrain-size", "1000", "--trigger-size",
           "8", "--out", str(folders["out"])])
     assert len(list((folders["out"] / "images").iterdir())) == 5
+    main(["poison", "corruptencoder", "--references", str(folders["refs"]), "--backgrounds",
+          str(folders["bg"]), "--count", "3", "--trigger-size", "8", "--canvas", "square",
+          "--out", str(folders["out"] / "square")])
+    manifest = json.loads((folders["out"] / "square" / "manifest.json").read_text())
+    assert manifest["config"]["layout"]["canvas"] == "square"
+    for record in manifest["poisons"]:
+        height, width = np.asarray(Image.open(folders["out"] / "square" / "images" /
+                                              record["file"])).shape[:2]
+        assert height == width
+    with pytest.raises(SystemExit) as info:
+        main(["poison", "corruptencoder", "--references", str(folders["refs"]), "--backgrounds",
+              str(folders["bg"]), "--count", "2", "--canvas", "round", "--out", "x"])
+    assert info.value.code == 2
+    assert "--canvas 'round'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["poison", "corruptencoder", "--references", str(folders["refs"] / "nope"),
               "--backgrounds", str(folders["bg"]), "--count", "2", "--out", "x"])

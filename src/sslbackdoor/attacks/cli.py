@@ -71,6 +71,10 @@ def corruptencoder(
     trigger_image: TriggerImage = None,
     area_ratio: Annotated[float, typer.Option(help="canvas width / object width")] = 2.0,
     object_height: Annotated[int | None, typer.Option(help="resize objects to this height")] = None,
+    canvas: Annotated[str, typer.Option(
+        help="object-height: H = object height, W = area ratio × object width (the paper's); "
+             "square: side = max(area ratio × object width, object height), for pipelines "
+             "that resize every image to a square (nothing gets squashed)")] = "object-height",
     seed: Seed = 0,
 ) -> None:
     """CorruptEncoder (and CorruptEncoder+ with --support-ratio) poisons."""
@@ -81,9 +85,12 @@ def corruptencoder(
         load_reference_objects,
     )
 
+    if canvas not in ("object-height", "square"):
+        raise UserInputError(f"--canvas {canvas!r}: valid: object-height, square")
+    layout = PoisonLayout(area_ratio=area_ratio, object_height=object_height,
+                          canvas="square" if canvas == "square" else "object-height")
     config = PoisonConfig(count=poison_count(count, ratio, pretrain_size),
-                          support_ratio=support_ratio, seed=seed,
-                          layout=PoisonLayout(area_ratio=area_ratio, object_height=object_height))
+                          support_ratio=support_ratio, seed=seed, layout=layout)
     records = generate_corruptencoder(load_reference_objects(references),
                                       images_in(backgrounds, "backgrounds"),
                                       trigger_patch(trigger_size, trigger_pattern, trigger_image, seed),

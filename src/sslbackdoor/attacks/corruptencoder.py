@@ -4,11 +4,13 @@ for the unlabeled pre-training set of a contrastive encoder.
 One poison combines a reference object (an image of the target class with its mask), a
 natural background and a trigger patch, laid out so that one random crop likely covers the
 object and another the trigger: the canvas is as tall as the object and `area_ratio` times
-as wide; the object sits at the left or right edge (x within `object_margin`·W of it); the
-trigger lands in the free part, at least `trigger_gap`·W beyond the object and vertically in
-[0.25·H, 0.75·H − size]. CorruptEncoder+ replaces a `support_ratio` fraction of the poisons
-by *support poisons*: a real target-class support image and a full reference image resized
-to the same size and concatenated side by side in random order, with no trigger.
+as wide (`canvas="object-height"`, the paper's; `canvas="square"` is for pipelines that
+resize every image to a square, see `PoisonLayout`); the object sits at the left or right
+edge (x within `object_margin`·W of it); the trigger lands in the free part, at least
+`trigger_gap`·W beyond the object and vertically in [0.25·H, 0.75·H − size].
+CorruptEncoder+ replaces a `support_ratio` fraction of the poisons by *support poisons*: a
+real target-class support image and a full reference image resized to the same size and
+concatenated side by side in random order, with no trigger.
 
 Every poison is drawn from one seeded generator and described in a manifest, so a poison
 set is reproducible and auditable.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -33,10 +35,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 
 
 class PoisonLayout(BaseModel):
-    """Layout parameters; defaults are the paper's."""
+    """Layout parameters; defaults are the paper's.
+
+    `canvas` chooses the canvas shape (W_o × H_o is the object after `crop_to_object`):
+
+    * "object-height" (the paper's): H = H_o, W = area_ratio·W_o; the object spans the
+      full height. A pipeline that later resizes every image to a square (this project's
+      data loaders do) scales such a canvas by different factors along x and y, squashing
+      the object horizontally by W/H = area_ratio·W_o/H_o (2× for a square object) —
+      `output_size` keeps only the trigger square, not the object.
+    * "square": a square canvas of side S = max(area_ratio·W_o, H_o). The object keeps its
+      own size at the left or right edge, inside the full-height strip of width W_o on its
+      side (at a random height when S > H_o, spanning the full height when S = H_o); the
+      free part beside it is at least (area_ratio − 1)·W_o wide, so the object still covers
+      at most 1/area_ratio of the width. Resizing a square to a square is the same factor
+      along both axes, so neither object nor trigger is distorted.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    canvas: Literal["object-height", "square"] = Field(
+        "object-height", description="object-height: H = object height, W = area_ratio × "
+                                     "object width (paper); square: side = max(area_ratio × "
+                                     "object width, object height), nothing squashed when "
+                                     "resized to a square")
     area_ratio: float = Field(2.0, ge=1.2, le=4.0, description="canvas width / object width")
     object_margin: float = Field(0.05, ge=0, le=0.2, description="max object offset from its edge, × W")
     trigger_gap: float = Field(0.125, ge=0, le=0.5, description="min trigger distance beyond the object, × W")
@@ -175,28 +197,35 @@ def corruptencoder_poison(obj: ReferenceObject, background: np.ndarray, trigger:
 
     trigger: uint8 [s,s,3] patch, pasted opaquely.
     """
-    height, width_obj = obj.mask.shape
+    height_obj, width_obj = obj.mask.shape
     width = round(layout.area_ratio * width_obj)
+    height = height_obj
+    if layout.canvas == "square":
+        width = height = max(width, height_obj)
     size = trigger.shape[0]
     canvas = fit_background(background, height, width, rng)
     side = "left" if rng.random() < 0.5 else "right"
     offset = int(rng.integers(0, int(layout.object_margin * width) + 1))
     x = offset if side == "left" else width - width_obj - offset
+    y = int(rng.integers(0, height - height_obj + 1)) if height > height_obj else 0
     alpha = Image.fromarray(obj.mask.astype(np.uint8) * 255)
     if layout.mask_blur > 0:
         alpha = alpha.filter(ImageFilter.GaussianBlur(layout.mask_blur))
     weight = (np.asarray(alpha, dtype=np.float32) / 255.0)[:, :, None]
-    region = canvas[:, x:x + width_obj].astype(np.float32)
-    canvas[:, x:x + width_obj] = np.round(weight * obj.image + (1 - weight) * region).astype(np.uint8)
+    region = canvas[y:y + height_obj, x:x + width_obj].astype(np.float32)
+    canvas[y:y + height_obj, x:x + width_obj] = np.round(
+        weight * obj.image + (1 - weight) * region).astype(np.uint8)
     if layout.output_size is not None:
-        scale = layout.output_size / width
+        # Resize before the trigger is pasted, so the trigger keeps its size and shape.
+        scale_x, scale_y = layout.output_size / width, layout.output_size / height
         canvas = resize_rgb(canvas, layout.output_size, layout.output_size)
-        x, width_obj = round(x * scale), round(width_obj * scale)
+        x, width_obj = round(x * scale_x), round(width_obj * scale_x)
+        y, height_obj = round(y * scale_y), round(height_obj * scale_y)
         width = height = layout.output_size
     tx, ty = trigger_position(x, width_obj, side, width, height, size, layout, rng)
     canvas[ty:ty + size, tx:tx + size] = trigger
-    return canvas, {"object_box": (x, 0, width_obj, height), "trigger_box": (tx, ty, size, size),
-                    "side": side}
+    return canvas, {"object_box": (x, y, width_obj, height_obj),
+                    "trigger_box": (tx, ty, size, size), "side": side}
 
 
 def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:

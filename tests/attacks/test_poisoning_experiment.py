@@ -1,0 +1,221 @@
+"""The `corruptencoder` experiment: the shipped config, a tiny end-to-end run, reuse and
+refusal of earlier pre-training runs, bad targets, and the findings checked in report.md."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sslbackdoor.attacks import poisoning_experiment as pe
+from sslbackdoor.attacks.poisoning_experiment import (
+    ALL_METHODS,
+    PoisoningExperimentConfig,
+    poisoning_findings,
+)
+from sslbackdoor.cli import shipped_experiments
+from sslbackdoor.config import read_yaml, select_scale
+from sslbackdoor.errors import UserInputError
+from sslbackdoor.runners import run_experiment, validate_experiment
+
+pytestmark = pytest.mark.usefixtures("single_thread_cpu")
+
+# sklearn digits at 16 px: pre-training on digits 0, 2–6 plus natural crops, target "1"
+# absent from it; 12 poisons; 1 epoch of a 4-wide ConvNet per method and crop policy.
+TINY: dict[str, Any] = {
+    "name": "tiny-corruptencoder", "kind": "corruptencoder", "seed": 0, "device": "cpu",
+    "image_size": 16,
+    "pretrain_data": [
+        {"dataset": "sklearn-digits", "split": "train", "classes": [0, 2, 3, 4, 5, 6],
+         "limit": 200},
+        {"dataset": "natural-crops:60", "split": "unlabeled", "classes": [0, 2, 4, 6, 8],
+         "limit": 20}],
+    "simclr": {"arch": "convnet:4", "epochs": 1, "batch_size": 64, "hidden_dim": 16,
+               "projection_dim": 8, "temperature": 0.2, "precision": "fp32"},
+    "poison_ratio": 0.05,
+    "references": {"dataset": "sklearn-digits", "label": 1, "count": 3},
+    "supports": {"dataset": "sklearn-digits", "label": 1, "count": 10, "offset": 3},
+    "backgrounds": {"dataset": "natural-crops:60", "split": "unlabeled",
+                    "classes": [1, 3, 5, 7], "limit": 12},
+    "background_size": 32,
+    "trigger_size": 3,
+    "layout": {"object_height": 16, "canvas": "square"},
+    "downstream": {"dataset": "sklearn-digits", "classes": [1, 7, 8, 9], "target_class": 1,
+                   "probe": {"kind": "linear", "epochs": 3, "lr": 0.01, "batch_size": 64}},
+}
+RUNS = [f"{m}{'-localized' if loc else ''}" for m in ALL_METHODS for loc in (False, True)]
+
+
+def tiny(**changes: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return raw
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("corruptencoder") / "run"
+    return out, run_experiment(tiny(), out)
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_shipped_config_validates_at_both_scales(scale: str) -> None:
+    path = shipped_experiments()["corruptencoder"]
+    kind, config = validate_experiment(select_scale(read_yaml(path), scale, str(path)),
+                                       str(path))
+    assert isinstance(config, PoisoningExperimentConfig)
+    assert kind.config_model is PoisoningExperimentConfig
+    assert config.methods == ALL_METHODS and config.localized_crop == [False, True]
+    assert config.layout.canvas == "square"
+    target = config.downstream.target_class
+    assert target in config.downstream.classes
+    if scale == "small":
+        assert config.simclr.method == "simclr" and config.simclr.arch == "convnet-small"
+        assert config.poison_ratio <= 0.01 and config.trigger_size == 8
+        fashion, crops = config.pretrain_data
+        assert fashion.classes is not None and target not in fashion.classes
+        # Backgrounds come from other source photos than the pre-training crops.
+        assert crops.classes and config.backgrounds.classes
+        assert not set(crops.classes) & set(config.backgrounds.classes)
+    else:
+        assert config.simclr.method == "moco-v2" and config.simclr.optimizer == "sgd"
+        assert config.simclr.schedule == "cosine" and config.image_size == 224
+        assert config.trigger_size == 40 and config.poison_ratio == 0.005
+        assert len(config.downstream.classes) == 100
+
+
+def test_tiny_run_trains_every_method_and_crop_and_reports(
+        tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = tiny_run
+    rows = results["rows"]
+    assert len(rows) == 12
+    assert {(r["method"], r["localized_crop"]) for r in rows} == {
+        (m, loc) for m in ALL_METHODS for loc in (False, True)}
+    assert all(0 <= r["ca"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
+    assert results["poison_count"] == round(0.05 * results["clean_images"])
+    assert all(r["poisons"] == (0 if r["method"] == "clean" else results["poison_count"])
+               for r in rows)
+    assert not any(e["reused"] for e in results["encoders"])
+    for run in RUNS:
+        assert (out / "encoders" / run / "encoder.safetensors").is_file(), run
+    for method in ALL_METHODS[1:]:
+        assert len(list((out / "poisons" / method / "images").iterdir())) == \
+            results["poison_count"]
+    report = (out / "report.md").read_text()
+    assert "| method | CA | ASR | CA (localized crop) | ASR (localized crop) |" in report
+    assert "| corruptencoder+ |" in report
+    assert "## Findings (measured here)" in report
+    findings = report.split("## Findings (measured here)")[1]
+    assert "20 points above the best baseline" in findings
+    assert "within 1 point of the clean encoder" in findings
+    assert "Scale: SimCLR `convnet:4` 1 epoch (batch 64)" in report
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_rerun_reuses_finished_encoders_and_resume_continues_an_unfinished_one(
+        tiny_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    out, first = tiny_run
+    trained: list[str] = []
+    original = pe.run_pretrain
+
+    def counting(config: Any, folder: Path, resume: bool = False, **kwargs: Any) -> Any:
+        trained.append(folder.name)
+        return original(config, folder, resume=resume, **kwargs)
+
+    monkeypatch.setattr(pe, "run_pretrain", counting)
+    again = run_experiment(tiny(), out, resume=True)
+    assert trained == []
+    assert all(e["reused"] for e in again["encoders"])
+    assert again["rows"] == first["rows"]  # the same encoders, evaluated the same way
+
+    # An interrupted run (its state written, its encoder and results not yet) continues.
+    unfinished = out / "encoders" / "ctrl-localized"
+    (unfinished / "results.json").unlink()
+    (unfinished / "encoder.safetensors").unlink()
+    assert (unfinished / "training_state.safetensors").is_file()
+    resumed = run_experiment(tiny(), out, resume=True)
+    assert trained == ["ctrl-localized"]
+    assert (unfinished / "encoder.safetensors").is_file()
+    assert [e["run"] for e in resumed["encoders"] if not e["reused"]] == ["ctrl-localized"]
+    assert resumed["rows"] == first["rows"]
+
+
+@pytest.mark.parametrize(("change", "stale"), [
+    ({"simclr__lr": 0.01}, "encoders/clean"),  # every run changes; the first one is named
+    ({"trigger_size": 4}, "encoders/corruptencoder"),  # only the poisons change
+])
+def test_a_changed_config_refuses_the_finished_encoders_of_another(
+        tiny_run: tuple[Path, dict[str, Any]], change: dict[str, Any], stale: str) -> None:
+    out, _ = tiny_run
+    config_before = (out / "config.yaml").read_text()
+    poisons_before = sorted((out / "poisons" / "corruptencoder" / "images").iterdir())
+    bytes_before = [p.read_bytes() for p in poisons_before]
+    for resume in (False, True):
+        with pytest.raises(UserInputError, match="use a new --out folder or delete") as info:
+            run_experiment(tiny(**change), out, resume=resume)
+        assert stale in str(info.value)
+    # Refused before anything of the folder was replaced.
+    assert (out / "config.yaml").read_text() == config_before
+    assert [p.read_bytes() for p in poisons_before] == bytes_before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"downstream__target_class": 2}, "is not among downstream.classes"),
+    ({"pretrain_data": [{"dataset": "sklearn-digits", "classes": [0, 1, 2]}]},
+     "is among the pre-training classes"),
+    ({"pretrain_data": [{"dataset": "sklearn-digits", "limit": 200}]},
+     "uses every class of sklearn-digits"),
+    ({"backgrounds": {"dataset": "images:/nonexistent/backgrounds"}}, "folder not found"),
+    ({"supports__offset": 500}, "has 146 images of class 1; 10 after the first 500"),
+])
+def test_a_bad_target_or_input_is_refused_before_anything_is_written(
+        tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(UserInputError, match=message):
+        run_experiment(tiny(**change), out)
+    assert not out.exists()
+
+
+def _rows(values: dict[tuple[str, bool], tuple[float, float]]) -> list[dict[str, Any]]:
+    return [{"method": m, "localized_crop": loc, "ca": ca / 100, "asr": asr / 100}
+            for (m, loc), (ca, asr) in values.items()]
+
+
+def test_findings_when_the_paper_holds() -> None:
+    lines = poisoning_findings(_rows({
+        ("clean", False): (61.2, 0.4), ("corruptencoder", False): (61.6, 92.9),
+        ("poisonedencoder", False): (61.1, 35.5), ("ssl-backdoor", False): (61.3, 14.3),
+        ("clean", True): (55.0, 0.5), ("corruptencoder", True): (55.2, 3.0)}))
+    assert len(lines) == 3 and all(line.startswith("- **Holds**") for line in lines)
+    assert "92.90 vs 35.50 (PoisonedEncoder)" in lines[0] and "+57.40" in lines[0]
+    assert "61.60 vs 61.20" in lines[1]
+    assert "3.00 vs 0.50" in lines[2]
+    assert not any("not learned" in line for line in lines)
+
+
+def test_findings_when_the_paper_fails_and_the_backdoor_was_not_learned() -> None:
+    lines = poisoning_findings(_rows({
+        ("clean", False): (80.0, 2.0), ("corruptencoder", False): (77.5, 5.0),
+        ("ctrl", False): (79.9, 1.0), ("clean", True): (70.0, 1.0),
+        ("corruptencoder", True): (70.0, 30.0)}))
+    assert len(lines) == 4
+    assert all(line.startswith("- **Does not hold**") for line in lines[:3])
+    assert "5.00 vs 1.00 (CTRL)" in lines[0]
+    assert "-2.50" in lines[1]
+    assert "30.00 vs 1.00" in lines[2]
+    assert "the backdoor was not learned at this scale" in lines[3]
+
+
+def test_findings_skip_claims_whose_methods_are_missing() -> None:
+    assert poisoning_findings(_rows({("clean", False): (60.0, 1.0)})) == []
+    only_attack = poisoning_findings(_rows({("corruptencoder", False): (60.0, 90.0),
+                                            ("ssl-backdoor", False): (60.0, 80.0)}))
+    assert len(only_attack) == 1 and only_attack[0].startswith("- **Does not hold**")
