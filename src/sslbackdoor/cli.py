@@ -82,6 +82,10 @@ def _print_summary(results: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if "rows" in results:  # a poisoning experiment: CA and ASR per method and crop policy
+        _print_poisoning_summary(results, out)
+        return
+
     table = Table(title=f"{results['name']} (percent; ASR excludes target-class inputs)")
     for column in ("task", "target", "CA", "BA", "ASR-B", "ASR"):
         table.add_column(column, justify="right" if column not in ("task", "target") else "left")
@@ -94,6 +98,21 @@ def _print_summary(results: dict[str, Any], out: Path) -> None:
     for task in tasks:
         table.add_row(task["task"], str(task.get("target_name") or "–"), pct(task["ca"]),
                       pct(task["ba"]), pct(task["asr_b"]), pct(task["asr"]))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'}")
+
+
+def _print_poisoning_summary(results: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['name']} (percent; ASR excludes target-class inputs)")
+    for column in ("method", "crop", "poisons", "CA", "ASR"):
+        table.add_column(column, justify="left" if column in ("method", "crop") else "right")
+    for row in results["rows"]:
+        table.add_row(row["method"], "localized" if row["localized_crop"] else "standard",
+                      str(row["poisons"]), f"{100 * row['ca']:.2f}", f"{100 * row['asr']:.2f}")
     console = Console()
     console.print(table)
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'}")

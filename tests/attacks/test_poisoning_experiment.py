@@ -219,3 +219,34 @@ def test_findings_skip_claims_whose_methods_are_missing() -> None:
     only_attack = poisoning_findings(_rows({("corruptencoder", False): (60.0, 90.0),
                                             ("ssl-backdoor", False): (60.0, 80.0)}))
     assert len(only_attack) == 1 and only_attack[0].startswith("- **Does not hold**")
+
+
+def test_cli_dry_run_loads_every_input_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from sslbackdoor.cli import main
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(methods=["clean", "ctrl"], localized_crop=[True])))
+    main(["run", str(path), "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("inputs: 220 clean images, 11 poisons per method, 3 references")
+    assert lines[1:] == ["pretrain clean-localized: SimCLR convnet:4, 1 epochs",
+                         "pretrain ctrl-localized: SimCLR convnet:4, 1 epochs",
+                         f"{path}: valid corruptencoder experiment"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.yaml"]
+
+
+def test_cli_run_prints_ca_and_asr_per_method(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from sslbackdoor.cli import main
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(methods=["clean"], localized_crop=[False])))
+    main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    printed = capsys.readouterr().out
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    assert f"{100 * row['ca']:.2f}" in printed and "standard" in printed

@@ -552,5 +552,24 @@ def render_poisoning_report(results: dict[str, Any]) -> str:
         "\n".join(findings)]) + "\n"
 
 
+def dry_run(config: PoisoningExperimentConfig) -> list[str]:
+    """Load every input (clean set, downstream task, references, supports, backgrounds)
+    without writing or training; one line per pre-training run."""
+    clean, _ = load_sources(config.pretrain_data, config.image_size,
+                            data_root=config.data_root, seed=config.seed)
+    data = downstream_data(config)
+    inputs = load_inputs(config)
+    count = max(1, round(config.poison_ratio * clean.shape[0]))
+    lines = [f"inputs: {clean.shape[0]} clean images, {count} poisons per method, "
+             f"{len(inputs.references)} references, {inputs.supports.shape[0]} supports, "
+             f"{inputs.backgrounds.shape[0]} backgrounds; downstream "
+             f"{data['train_labels'].numel()} train / {data['test_labels'].numel()} test"]
+    lines += [f"pretrain {run_name(method, localized)}: {method_label(config.simclr.model_dump())} "
+              f"{config.simclr.arch}, {config.simclr.epochs} epochs"
+              for method in config.methods for localized in config.localized_crop]
+    return lines
+
+
 register_kind("corruptencoder", PoisoningExperimentConfig,
-              lambda config, out, resume: run_poisoning_experiment(config, out, resume))
+              lambda config, out, resume: run_poisoning_experiment(config, out, resume),
+              dry_run)
