@@ -52,6 +52,7 @@ unit: setup data
 	$(BIN)/python -m pytest
 
 benchmark: setup data
+	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/attack_throughput.py
 
 clean:
