@@ -3,7 +3,8 @@
 Both loops run in this one process on the same encoder, shadow images, targets and batch:
 
 * fast: the project's `BadEncoderAttack` — f(shadow) and f(references) computed once,
-  one concatenated forward per step, bf16 autocast, channels_last;
+  one concatenated forward per step, bf16 autocast where the CPU runs it natively,
+  channels_last;
 * reference structure: fp32, contiguous (NCHW) tensors, the clean encoder re-run on every
   shadow batch and reference each step, one forward per input group (as the BadEncoder
   reference code does).
@@ -31,6 +32,7 @@ from sslbackdoor.data.augment import augment_each, reference_augmentation
 from sslbackdoor.data.datasets import load_dataset
 from sslbackdoor.data.triggers import Trigger, TriggerSpec
 from sslbackdoor.downstream.features import dataset_tensors
+from sslbackdoor.engine import uses_bf16
 from sslbackdoor.models.checkpoints import load_encoder
 from sslbackdoor.models.encoders import Encoder
 
@@ -106,7 +108,8 @@ def main() -> None:
     print(f"MobileNetV2 (ImageNet), {args.image_size} px, 2 targets, batch {args.batch_size}, "
           f"{args.steps} steps, {torch.get_num_threads()} threads")
     print(f"reference structure (fp32, recompute clean features): {reference:7.1f} shadow img/s")
-    print(f"sslbackdoor (bf16, channels_last, cached features):   {fast:7.1f} shadow img/s")
+    precision = "bf16" if uses_bf16(torch.device("cpu")) else "fp32"
+    print(f"sslbackdoor ({precision}, channels_last, cached features):   {fast:7.1f} shadow img/s")
     print(f"speed-up: {fast / reference:.2f}x")
 
 
