@@ -10,6 +10,8 @@ run shows the learning curve. Prints one line per measurement and a summary tabl
 
 Usage (the real measurement; about 30 min per architecture plus evaluation):
     python benchmarks/simclr_small.py --minutes 30 --archs convnet-small
+A finished encoder (e.g. the grids' cached one), evaluated the same way:
+    python benchmarks/simclr_small.py --encoder runs/cache/encoders/HASH/encoder.safetensors
 Quick look (numbers are then a few minutes' worth, with subsets for the probe):
     python benchmarks/simclr_small.py --minutes 3 --archs convnet:32,resnet18-cifar:16 \
         --probe-train-limit 10000 --probe-test-limit 2000
@@ -74,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the measurements here")
+    parser.add_argument("--encoder", default=None,
+                        help="evaluate this finished encoder (.safetensors, e.g. a grid's "
+                             "cached one) with the same kNN and linear probe; no training")
     return parser.parse_args()
 
 
@@ -128,9 +133,29 @@ def measure(arch: str, images: torch.Tensor, args: argparse.Namespace) -> list[M
     return results
 
 
+def evaluate_file(path: Path, args: argparse.Namespace) -> None:
+    """kNN and linear probe of a finished encoder, as `measure` evaluates checkpoints."""
+    from sslbackdoor.models.checkpoints import load_encoder
+
+    config = build_config("convnet-small", args)
+    train, test = load_monitor_data(config)
+    encoder = load_encoder(path)
+    probe = config.monitor.probe
+    assert probe is not None
+    device = torch.device("cpu")
+    knn = knn_accuracy(encoder, train, test, device)
+    linear = linear_probe_accuracy(encoder, train, test, device, probe, args.seed)
+    verdict = "meets" if linear >= TARGET else "below"
+    print(f"{path}: {encoder.name}, bank {train.labels.numel()}, test {test.labels.numel()}: "
+          f"kNN {knn:.4f}  linear {linear:.4f}  → {verdict} the {TARGET} target")
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
+    if args.encoder:
+        evaluate_file(Path(args.encoder), args)
+        return
     reference = build_config("convnet-small", args)
     images, _ = load_pretrain_images(reference)
     budget = f"{args.images} images" if args.images else f"{args.minutes} min"
