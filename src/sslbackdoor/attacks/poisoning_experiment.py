@@ -390,6 +390,11 @@ def prepare_poisons(config: PoisoningExperimentConfig, loaded: Inputs, count: in
     return inputs, poisons
 
 
+def poison_count(config: PoisoningExperimentConfig, clean_images: int) -> int:
+    """Poisons per method: `poison_ratio` of the clean set, at least one."""
+    return max(1, round(config.poison_ratio * clean_images))
+
+
 def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
                              resume: bool = False) -> dict[str, Any]:
     check_target(config)
@@ -401,7 +406,7 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
     data = downstream_data(config)
     loaded = load_inputs(config)
     out_dir = Path(out_dir)
-    count = max(1, round(config.poison_ratio * clean.shape[0]))
+    count = poison_count(config, clean.shape[0])
     runs = [(method, localized) for method in config.methods
             for localized in config.localized_crop]
     if any(finished_hash(out_dir / "encoders" / run_name(*run)) is not None for run in runs):
@@ -474,20 +479,20 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
             f"the best baseline's — measured {asr:.2f} vs {base:.2f} "
             f"({METHOD_NAMES[best['method']]}), a margin of {asr - base:+.2f} points "
             f"(paper: 92.9 vs 35.5, PoisonedEncoder).")
-    if attack is not None and clean is not None:
-        ca, clean_ca = _points(attack["ca"]), _points(clean["ca"])
-        lines.append(
-            f"- {verdict(abs(ca - clean_ca) <= 1)}: CorruptEncoder's CA is within 1 point of "
-            f"the clean encoder's — measured {ca:.2f} vs {clean_ca:.2f} "
-            f"({ca - clean_ca:+.2f}; paper: 61.6 vs 61.2).")
-    localized, clean_localized = (_row(rows, "corruptencoder", True),
-                                  _row(rows, "clean", True))
-    if localized is not None and clean_localized is not None:
-        asr, clean_asr = _points(localized["asr"]), _points(clean_localized["asr"])
-        lines.append(
-            f"- {verdict(abs(asr - clean_asr) <= 5)}: with localized cropping CorruptEncoder's "
-            f"ASR is within 5 points of the clean encoder's (the defense works) — measured "
-            f"{asr:.2f} vs {clean_asr:.2f} ({asr - clean_asr:+.2f}).")
+    def within(claim: str, metric: str, points: float, attacked: dict[str, Any] | None,
+               reference: dict[str, Any] | None, paper: str = "") -> None:
+        """A claim that the attacked encoder's metric is within `points` of the clean one's."""
+        if attacked is None or reference is None:
+            return
+        ours, theirs = _points(attacked[metric]), _points(reference[metric])
+        lines.append(f"- {verdict(abs(ours - theirs) <= points)}: {claim} — measured "
+                     f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}{paper}).")
+
+    within("CorruptEncoder's CA is within 1 point of the clean encoder's", "ca", 1,
+           attack, clean, "; paper: 61.6 vs 61.2")
+    within("with localized cropping CorruptEncoder's ASR is within 5 points of the clean "
+           "encoder's (the defense works)", "asr", 5, _row(rows, "corruptencoder", True),
+           _row(rows, "clean", True))
     if attack is not None and clean is not None:
         asr, clean_asr = _points(attack["asr"]), _points(clean["asr"])
         if abs(asr - clean_asr) <= 5:
@@ -559,7 +564,7 @@ def dry_run(config: PoisoningExperimentConfig) -> list[str]:
                             data_root=config.data_root, seed=config.seed)
     data = downstream_data(config)
     inputs = load_inputs(config)
-    count = max(1, round(config.poison_ratio * clean.shape[0]))
+    count = poison_count(config, clean.shape[0])
     lines = [f"inputs: {clean.shape[0]} clean images, {count} poisons per method, "
              f"{len(inputs.references)} references, {inputs.supports.shape[0]} supports, "
              f"{inputs.backgrounds.shape[0]} backgrounds; downstream "
