@@ -109,7 +109,14 @@ def test_tiny_run_trains_every_method_and_crop_and_reports(
     for method in ALL_METHODS[1:]:
         assert len(list((out / "poisons" / method / "images").iterdir())) == \
             results["poison_count"]
+    for row in rows:  # only CorruptEncoder(+) poisons have trigger and object boxes
+        assert ("attack_pairs" in row) == row["method"].startswith("corruptencoder")
+    pairs = {(r["method"], r["localized_crop"]): r["attack_pairs"] for r in rows
+             if "attack_pairs" in r}
+    assert pairs["corruptencoder", False]["triggered_poisons"] == results["poison_count"]
+    assert pairs["corruptencoder+", False]["triggered_poisons"] < results["poison_count"]
     report = (out / "report.md").read_text()
+    assert "## Trigger/object pairs" in report
     assert "| method | CA | ASR | CA (localized crop) | ASR (localized crop) |" in report
     assert "| corruptencoder+ |" in report
     assert "## Findings (measured here)" in report

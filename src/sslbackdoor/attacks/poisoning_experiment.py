@@ -48,6 +48,7 @@ from sslbackdoor.attacks.corruptencoder import (
     load_reference_objects,
     save_png,
 )
+from sslbackdoor.attacks.crop_pairs import expected_attack_pairs
 from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline, paste_central
 from sslbackdoor.config import DataSource, dump_config
 from sslbackdoor.data.datasets import Split, load_dataset
@@ -390,6 +391,21 @@ def prepare_poisons(config: PoisoningExperimentConfig, loaded: Inputs, count: in
     return inputs, poisons
 
 
+PAPER_POISON_EPOCHS = 650 * 200  # ImageNet100-A poisons × MoCo-v2 epochs in the paper
+
+
+def attack_pairs(config: PoisoningExperimentConfig, method: Method, localized: bool,
+                 out_dir: Path) -> dict[str, Any]:
+    """For CorruptEncoder(+) runs, how many trigger-view/object-view positive pairs
+    pre-training is expected to draw (see `crop_pairs`); nothing for other methods."""
+    if method not in ("corruptencoder", "corruptencoder+"):
+        return {}
+    augment = config.simclr.augment.model_copy(update={"localized_crop": localized})
+    return {"attack_pairs": expected_attack_pairs(out_dir / "poisons" / method,
+                                                  config.image_size, augment,
+                                                  config.simclr.epochs, config.seed)}
+
+
 def poison_count(config: PoisoningExperimentConfig, clean_images: int) -> int:
     """Poisons per method: `poison_ratio` of the clean set, at least one."""
     return max(1, round(config.poison_ratio * clean_images))
@@ -434,7 +450,8 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
         scores = evaluate(config, encoder, data, triggered, device)
         log(f"  {name}: CA={scores['ca']:.4f} ASR={scores['asr']:.4f}")
         rows.append({"method": method, "localized_crop": localized,
-                     "poisons": 0 if poison_images is None else count, **scores})
+                     "poisons": 0 if poison_images is None else count, **scores,
+                     **attack_pairs(config, method, localized, out_dir)})
         encoders.append({"run": name, "config_hash": pretrain_hash(pretrain),
                          "poisons_sha256": digest, "reused": reused})
     results = {"schema": "sslbackdoor.corruptencoder/1", "kind": config.kind, "name": config.name,
@@ -499,8 +516,16 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"- **Caveat**: the backdoor was not learned at this scale — CorruptEncoder's "
                 f"ASR ({asr:.2f}) is within 5 points of the clean encoder's ({clean_asr:.2f}), "
-                f"so a defense that \"holds\" above has nothing to remove.")
+                f"so a defense that \"holds\" above has nothing to remove.{_pairs_note(attack)}")
     return lines
+
+
+def _pairs_note(row: dict[str, Any]) -> str:
+    pairs = row.get("attack_pairs")
+    if pairs is None:
+        return ""
+    return (f" Pre-training drew an expected {pairs['expected_pairs']:.1f} trigger/object "
+            f"positive pairs in all (the section above).")
 
 
 def method_label(simclr: dict[str, Any]) -> str:
@@ -545,6 +570,7 @@ def render_poisoning_report(results: dict[str, Any]) -> str:
         shapes = ("CorruptEncoder poisons use the paper's canvas (object height × area ratio "
                   "× object width), which the resize to a square squashes horizontally; the "
                   "trigger is pasted after the resize, so it keeps its shape.")
+    pairs = attack_pairs_section(results["rows"])
     findings = poisoning_findings(results["rows"]) or ["- No claim can be checked: the rows "
                                                        "lack the methods they compare."]
     return "\n\n".join([
@@ -552,9 +578,34 @@ def render_poisoning_report(results: dict[str, Any]) -> str:
         "ASR excludes test inputs of the target class; the trigger is pasted at a random "
         "place in the central band of each test image. Images of every source are resized "
         "to squares by this pipeline. " + shapes,
-        markdown_table(header, rows),
+        markdown_table(header, rows), *pairs,
         "## Findings (measured here)",
         "\n".join(findings)]) + "\n"
+
+
+def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
+    """A report section on the trigger/object positive pairs of the CorruptEncoder rows
+    (empty when no row has them, e.g. results written before they were counted)."""
+    from sslbackdoor.report import markdown_table
+
+    counted = [row for row in rows if "attack_pairs" in row]
+    if not counted:
+        return []
+    table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
+              str(row["attack_pairs"]["triggered_poisons"]),
+              f"{100 * row['attack_pairs']['probability']:.3f}",
+              f"{row['attack_pairs']['expected_pairs']:.1f}",
+              f"{PAPER_POISON_EPOCHS * row['attack_pairs']['probability']:.0f}"]
+             for row in counted]
+    return ["## Trigger/object pairs (why ASR is what it is)",
+            "CorruptEncoder plants its backdoor only through positive pairs whose one view "
+            "holds the trigger (≥ 90% of it) without the object and the other holds the "
+            "object (≥ 50%) without the trigger (≤ 10% of the other box each). Sampled "
+            "from this run's crop policy and the poisons' boxes: the chance per poison and "
+            "epoch, and the expected pairs over the whole run; the last column applies the "
+            "same chance to the paper's 650 poisons × 200 epochs.",
+            markdown_table(["method", "crop", "triggered poisons", "chance per epoch (%)",
+                            "expected pairs (this run)", "at the paper's scale"], table)]
 
 
 def dry_run(config: PoisoningExperimentConfig) -> list[str]:

@@ -1,0 +1,76 @@
+"""Trigger/object attack pairs: box coverage, the sampled probability against one computed
+by hand, localized cropping, and boxes read from a poison manifest."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sslbackdoor.attacks.crop_pairs import (
+    PoisonBoxes,
+    attack_pair_probability,
+    coverage,
+    expected_attack_pairs,
+    manifest_boxes,
+)
+from sslbackdoor.errors import UserInputError
+from sslbackdoor.ssl.simclr import AugmentConfig
+
+# Object in the left half, an 8 px trigger centred vertically in the right quarter.
+LEFT_HALF_OBJECT = torch.tensor([[0.0, 0.0, 16.0, 32.0]])
+RIGHT_TRIGGER = torch.tensor([[24.0, 12.0, 8.0, 8.0]])
+
+
+def test_coverage_is_the_fraction_of_each_box_inside_each_crop() -> None:
+    box = torch.tensor([[4.0, 8.0, 8.0, 4.0]])  # x 4..12, y 8..12
+    crops = torch.tensor([[[0.0, 0.0, 32.0, 32.0],    # the whole image
+                           [8.0, 8.0, 4.0, 4.0],      # its right half
+                           [20.0, 20.0, 8.0, 8.0]]])  # elsewhere
+    assert coverage(box, crops).tolist() == [[1.0, 0.5, 0.0]]
+
+
+def test_sampled_probability_matches_the_one_computed_by_hand() -> None:
+    # 16×16 crops at 17×17 equally likely positions. The object view must start at
+    # left 0 (1/17); the trigger view at left 16 and top 4..12 (9/17²); either order.
+    augment = AugmentConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    probability = attack_pair_probability(PoisonBoxes(LEFT_HALF_OBJECT, RIGHT_TRIGGER), 32,
+                                          augment, samples=1 << 20)
+    assert float(probability[0]) == pytest.approx(2 * 9 / 17 ** 3, rel=0.1)
+
+
+def test_whole_image_views_and_localized_cropping_leave_no_attack_pair() -> None:
+    poisons = PoisonBoxes(LEFT_HALF_OBJECT, RIGHT_TRIGGER)
+    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    assert float(attack_pair_probability(poisons, 32, whole)[0]) == 0.0
+    standard = float(attack_pair_probability(poisons, 32, AugmentConfig(), samples=1 << 16)[0])
+    localized = float(attack_pair_probability(poisons, 32, AugmentConfig(localized_crop=True),
+                                              samples=1 << 16)[0])
+    assert standard > 0.001
+    assert localized < standard / 10
+
+
+def _write_poisons(folder: Path) -> None:
+    (folder / "images").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 32)).save(folder / "images" / name)
+    records = [{"file": "a.png", "kind": "corruptencoder", "object_box": [0, 0, 32, 32],
+                "trigger_box": [48, 12, 8, 8]},
+               {"file": "b.png", "kind": "support", "object_box": None, "trigger_box": None}]
+    (folder / "manifest.json").write_text(json.dumps({"poisons": records}))
+
+
+def test_manifest_boxes_are_scaled_to_the_square_pre_training_size(tmp_path: Path) -> None:
+    _write_poisons(tmp_path)
+    boxes = manifest_boxes(tmp_path, 32)  # a 64×32 canvas resized to 32×32
+    assert boxes.objects.tolist() == [[0.0, 0.0, 16.0, 32.0]]
+    assert boxes.triggers.tolist() == [[24.0, 12.0, 4.0, 8.0]]  # the support is left out
+    pairs = expected_attack_pairs(tmp_path, 32, AugmentConfig(), epochs=10)
+    assert pairs["triggered_poisons"] == 1
+    assert pairs["expected_pairs"] == pytest.approx(10 * pairs["probability"], abs=0.1)
+
+
+def test_a_missing_manifest_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="manifest.json: not a readable poison manifest"):
+        manifest_boxes(tmp_path, 32)
