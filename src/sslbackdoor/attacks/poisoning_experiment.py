@@ -121,7 +121,9 @@ class PoisoningExperimentConfig(Strict):
     simclr: ContrastiveConfig = ContrastiveConfig()
     methods: list[Method] = Field(default_factory=lambda: list(ALL_METHODS))
     localized_crop: list[bool] = Field(default_factory=lambda: [False, True])
-    poison_ratio: float = Field(0.005, gt=0, le=0.05, description="poisons / clean images")
+    poison_ratio: float = Field(
+        0.005, gt=0, le=0.5, description="poisons / clean images (the paper's threat model "
+                                         "is ≤ 0.01; larger ratios check the mechanism)")
     support_ratio: float = Field(0.2, ge=0, le=1, description="CorruptEncoder+ support share")
     references: ClassImages | None = Field(
         None, description="target-class images whose masks are derived from their plain "
