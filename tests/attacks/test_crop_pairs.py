@@ -72,5 +72,5 @@ def test_manifest_boxes_are_scaled_to_the_square_pre_training_size(tmp_path: Pat
 
 
 def test_a_missing_manifest_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="manifest.json: not a readable poison manifest"):
+    with pytest.raises(UserInputError, match=r"manifest\.json: not a readable poison manifest"):
         manifest_boxes(tmp_path, 32)
