@@ -25,6 +25,8 @@ from PIL import Image
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.ssl.simclr import AugmentConfig, SimCLRViews
 
+_PAIRS_PER_CHUNK = 1 << 19  # view pairs sampled at once: bounds memory for many poisons
+
 
 @dataclass(frozen=True)
 class PairCriteria:
@@ -66,14 +68,11 @@ def attack_pair_probability(poisons: PoisonBoxes, image_size: int, augment: Augm
     from `samples` view pairs per poison."""
     generator = torch.Generator().manual_seed(seed)
     views = SimCLRViews(image_size, augment)
-    chunk = max(1, _PAIRS_PER_CHUNK // samples)  # bounds memory for thousands of poisons
+    chunk = max(1, _PAIRS_PER_CHUNK // samples)
     return torch.cat([_chunk_probability(poisons.objects[start:start + chunk],
                                          poisons.triggers[start:start + chunk], views,
                                          samples, generator, criteria)
                       for start in range(0, poisons.objects.shape[0], chunk)])
-
-
-_PAIRS_PER_CHUNK = 1 << 19
 
 
 def _chunk_probability(objects: torch.Tensor, triggers: torch.Tensor, views: SimCLRViews,

@@ -48,7 +48,7 @@ from sslbackdoor.attacks.corruptencoder import (
     load_reference_objects,
     save_png,
 )
-from sslbackdoor.attacks.crop_pairs import expected_attack_pairs
+from sslbackdoor.attacks.crop_pairs import PairCriteria, expected_attack_pairs
 from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline, paste_central
 from sslbackdoor.config import DataSource, dump_config
 from sslbackdoor.data.datasets import Split, load_dataset
@@ -75,6 +75,7 @@ Method = Literal["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
 ALL_METHODS: list[Method] = ["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
                              "poisonedencoder", "ctrl"]
 BASELINES: list[Method] = ["ssl-backdoor", "poisonedencoder", "ctrl"]
+CORRUPTENCODERS: tuple[Method, ...] = ("corruptencoder", "corruptencoder+")  # object + trigger
 METHOD_NAMES = {"clean": "clean", "corruptencoder": "CorruptEncoder",
                 "corruptencoder+": "CorruptEncoder+", "ssl-backdoor": "SSL-Backdoor",
                 "poisonedencoder": "PoisonedEncoder", "ctrl": "CTRL"}
@@ -246,7 +247,7 @@ def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
         shutil.rmtree(folder)
     trigger = trigger_patch(config.trigger_size, config.trigger_pattern, None, config.seed)
     layout = config.layout.model_copy(update={"output_size": config.image_size})
-    if method in ("corruptencoder", "corruptencoder+"):
+    if method in CORRUPTENCODERS:
         support_ratio = config.support_ratio if method == "corruptencoder+" else 0.0
         generate_corruptencoder(load_reference_objects(inputs["references"][0].parent),
                                 inputs["backgrounds"], trigger,
@@ -400,7 +401,7 @@ def attack_pairs(config: PoisoningExperimentConfig, method: Method, localized: b
                  out_dir: Path) -> dict[str, Any]:
     """For CorruptEncoder(+) runs, how many trigger-view/object-view positive pairs
     pre-training is expected to draw (see `crop_pairs`); nothing for other methods."""
-    if method not in ("corruptencoder", "corruptencoder+"):
+    if method not in CORRUPTENCODERS:
         return {}
     augment = config.simclr.augment.model_copy(update={"localized_crop": localized})
     return {"attack_pairs": expected_attack_pairs(out_dir / "poisons" / method,
@@ -593,6 +594,7 @@ def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
     counted = [row for row in rows if "attack_pairs" in row]
     if not counted:
         return []
+    criteria = PairCriteria()
     table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
               str(row["attack_pairs"]["triggered_poisons"]),
               f"{100 * row['attack_pairs']['probability']:.3f}",
@@ -601,8 +603,9 @@ def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
              for row in counted]
     return ["## Trigger/object pairs (why ASR is what it is)",
             "CorruptEncoder plants its backdoor only through positive pairs whose one view "
-            "holds the trigger (≥ 90% of it) without the object and the other holds the "
-            "object (≥ 50%) without the trigger (≤ 10% of the other box each). Sampled "
+            f"holds the trigger (≥ {criteria.trigger_in:.0%} of it) without the object and "
+            f"the other holds the object (≥ {criteria.object_in:.0%}) without the trigger "
+            f"(≤ {criteria.other_out:.0%} of the other box each). Sampled "
             "from this run's crop policy and the poisons' boxes: the chance per poison and "
             "epoch, and the expected pairs over the whole run; the last column applies the "
             "same chance to the paper's 650 poisons × 200 epochs.",
