@@ -1,5 +1,5 @@
 """The `corruptencoder` experiment: the shipped config, a tiny end-to-end run, reuse and
-refusal of earlier pre-training runs, bad targets, and the findings checked in report.md."""
+refusal of earlier pre-training runs, bad targets and triggers."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sslbackdoor.attacks import poisoning_experiment as pe
-from sslbackdoor.attacks.poisoning_experiment import (
-    ALL_METHODS,
-    PoisoningExperimentConfig,
-    poisoning_findings,
-)
+from sslbackdoor.attacks.poisoning_experiment import ALL_METHODS, PoisoningExperimentConfig
 from sslbackdoor.cli import shipped_experiments
 from sslbackdoor.config import read_yaml, select_scale
 from sslbackdoor.errors import UserInputError
@@ -115,8 +112,17 @@ def test_tiny_run_trains_every_method_and_crop_and_reports(
              if "attack_pairs" in r}
     assert pairs["corruptencoder", False]["triggered_poisons"] == results["poison_count"]
     assert pairs["corruptencoder+", False]["triggered_poisons"] < results["poison_count"]
+    assert {r["trigger"] for r in rows if r["method"] == "ctrl"} == {"ctrl"}
+    assert {r["trigger"] for r in rows if r["method"] != "ctrl"} == {"patch"}
+    for row in rows:  # the 3 px trigger enlarged 2× and 3×, for every patch-trigger row
+        assert set(row.get("asr_enlarged", {})) == (set() if row["method"] == "ctrl"
+                                                    else {"6", "9"})
+    assert all(("asr_ctrl" in r) == (r["method"] == "clean") for r in rows)
     report = (out / "report.md").read_text()
     assert "## Trigger/object pairs" in report
+    assert "## ASR with enlarged test triggers" in report
+    assert "| method | crop | ASR (3 px) | ASR (6 px) | ASR (9 px) |" in report
+    assert "CTRL's rows are attacked with CTRL's own frequency trigger" in report
     assert "| method | CA | ASR | CA (localized crop) | ASR (localized crop) |" in report
     assert "| corruptencoder+ |" in report
     assert "## Findings (measured here)" in report
@@ -125,6 +131,21 @@ def test_tiny_run_trains_every_method_and_crop_and_reports(
     assert "within 1 point of the clean encoder" in findings
     assert "Scale: SimCLR `convnet:4` 1 epoch (batch 64)" in report
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_ctrl_rows_are_attacked_with_the_trigger_of_the_ctrl_poisons(
+        tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    from sslbackdoor.attacks.corruptencoder import read_rgb
+    from sslbackdoor.attacks.triggered_inputs import ctrl_test_images
+
+    out, _ = tiny_run
+    config = PoisoningExperimentConfig.model_validate(tiny())
+    manifest = json.loads((out / "poisons" / "ctrl" / "manifest.json").read_text())
+    for record in manifest["poisons"][:3]:
+        source = torch.tensor(read_rgb(Path(record["reference"]))).permute(2, 0, 1)
+        poison = read_rgb(out / "poisons" / "ctrl" / "images" / record["file"])
+        tested = ctrl_test_images(source[None], pe.baseline_settings(config, "ctrl", 1))
+        assert torch.equal(tested[0].permute(1, 2, 0), torch.tensor(poison))
 
 
 def test_rerun_reuses_finished_encoders_and_resume_continues_an_unfinished_one(
@@ -182,6 +203,8 @@ def test_a_changed_config_refuses_the_finished_encoders_of_another(
      "uses every class of sklearn-digits"),
     ({"backgrounds": {"dataset": "images:/nonexistent/backgrounds"}}, "folder not found"),
     ({"supports__offset": 500}, "has 146 images of class 1; 10 after the first 500"),
+    ({"enlarged_trigger_scales": [2, 6]},
+     r"enlarged_trigger_scales \[6\]: a 3 px trigger .* exceeds the 16 px image; the largest scale is 5"),
 ])
 def test_a_bad_target_or_input_is_refused_before_anything_is_written(
         tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -189,43 +212,6 @@ def test_a_bad_target_or_input_is_refused_before_anything_is_written(
     with pytest.raises(UserInputError, match=message):
         run_experiment(tiny(**change), out)
     assert not out.exists()
-
-
-def _rows(values: dict[tuple[str, bool], tuple[float, float]]) -> list[dict[str, Any]]:
-    return [{"method": m, "localized_crop": loc, "ca": ca / 100, "asr": asr / 100}
-            for (m, loc), (ca, asr) in values.items()]
-
-
-def test_findings_when_the_paper_holds() -> None:
-    lines = poisoning_findings(_rows({
-        ("clean", False): (61.2, 0.4), ("corruptencoder", False): (61.6, 92.9),
-        ("poisonedencoder", False): (61.1, 35.5), ("ssl-backdoor", False): (61.3, 14.3),
-        ("clean", True): (55.0, 0.5), ("corruptencoder", True): (55.2, 3.0)}))
-    assert len(lines) == 3 and all(line.startswith("- **Holds**") for line in lines)
-    assert "92.90 vs 35.50 (PoisonedEncoder)" in lines[0] and "+57.40" in lines[0]
-    assert "61.60 vs 61.20" in lines[1]
-    assert "3.00 vs 0.50" in lines[2]
-    assert not any("not learned" in line for line in lines)
-
-
-def test_findings_when_the_paper_fails_and_the_backdoor_was_not_learned() -> None:
-    lines = poisoning_findings(_rows({
-        ("clean", False): (80.0, 2.0), ("corruptencoder", False): (77.5, 5.0),
-        ("ctrl", False): (79.9, 1.0), ("clean", True): (70.0, 1.0),
-        ("corruptencoder", True): (70.0, 30.0)}))
-    assert len(lines) == 4
-    assert all(line.startswith("- **Does not hold**") for line in lines[:3])
-    assert "5.00 vs 1.00 (CTRL)" in lines[0]
-    assert "-2.50" in lines[1]
-    assert "30.00 vs 1.00" in lines[2]
-    assert "the backdoor was not learned at this scale" in lines[3]
-
-
-def test_findings_skip_claims_whose_methods_are_missing() -> None:
-    assert poisoning_findings(_rows({("clean", False): (60.0, 1.0)})) == []
-    only_attack = poisoning_findings(_rows({("corruptencoder", False): (60.0, 90.0),
-                                            ("ssl-backdoor", False): (60.0, 80.0)}))
-    assert len(only_attack) == 1 and only_attack[0].startswith("- **Does not hold**")
 
 
 def test_cli_dry_run_loads_every_input_and_writes_nothing(

@@ -4,14 +4,15 @@ For every poisoning method (none, CorruptEncoder, CorruptEncoder+, SSL-Backdoor,
 PoisonedEncoder, CTRL) and every crop policy (standard, localized cropping), pre-train an
 encoder (SimCLR or MoCo-v2, `simclr.method`) on the clean set plus that method's poisons,
 then train a linear probe on a downstream task whose target class is absent from
-pre-training and measure CA and ASR (triggered test inputs: the trigger at a random place
-in the central band; inputs of the target class excluded). Every input (data, references,
-supports, backgrounds) is loaded and the target checked before anything is written.
+pre-training and measure CA and ASR (inputs of the target class excluded) under the
+method's own trigger: the patch at a random place in the central band, or CTRL's frequency
+trigger; patch rows are also measured with the patch enlarged (`triggered_inputs`). Every
+input (data, references, supports, backgrounds) is loaded and the target checked before
+anything is written.
 
 Writes into the output folder: inputs/ (the reference, support and background images
 used), poisons/<method>/ (images + manifest), encoders/<method>[-localized]/ (each
-pre-training run, resumable), results.json and report.md (the table and a "Findings"
-section that checks the paper's claims against the measured rows).
+pre-training run, resumable), results.json and report.md (`poisoning_report`).
 
 Rerunning into the same folder reuses a finished pre-training run only when its
 results.json `config_hash` equals the hash of the run that would be trained now; the hash
@@ -32,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -48,8 +49,10 @@ from sslbackdoor.attacks.corruptencoder import (
     load_reference_objects,
     save_png,
 )
-from sslbackdoor.attacks.crop_pairs import PairCriteria, expected_attack_pairs
-from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline, paste_central
+from sslbackdoor.attacks.crop_pairs import expected_attack_pairs
+from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline
+from sslbackdoor.attacks.poisoning_report import method_label, render_poisoning_report
+from sslbackdoor.attacks.triggered_inputs import TriggeredTestSets, triggered_test_sets
 from sslbackdoor.config import DataSource, dump_config
 from sslbackdoor.data.datasets import Split, load_dataset
 from sslbackdoor.data.sources import load_sources
@@ -74,18 +77,7 @@ Method = Literal["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
                  "poisonedencoder", "ctrl"]
 ALL_METHODS: list[Method] = ["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
                              "poisonedencoder", "ctrl"]
-BASELINES: list[Method] = ["ssl-backdoor", "poisonedencoder", "ctrl"]
 CORRUPTENCODERS: tuple[Method, ...] = ("corruptencoder", "corruptencoder+")  # object + trigger
-METHOD_NAMES = {"clean": "clean", "corruptencoder": "CorruptEncoder",
-                "corruptencoder+": "CorruptEncoder+", "ssl-backdoor": "SSL-Backdoor",
-                "poisonedencoder": "PoisonedEncoder", "ctrl": "CTRL"}
-
-# CorruptEncoder (CVPR 2024), ImageNet100-A → ImageNet100-B, 0.5% poisons, 3 references.
-PAPER_CA_ASR: dict[str, tuple[float, float]] = {
-    "clean": (61.2, 0.4), "corruptencoder": (61.6, 92.9), "corruptencoder+": (61.7, 99.5),
-    "poisonedencoder": (61.1, 35.5), "ssl-backdoor": (61.3, 14.3)}
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -137,6 +129,10 @@ class PoisoningExperimentConfig(Strict):
     background_size: int = Field(96, ge=8)
     trigger_size: int = Field(8, ge=1)
     trigger_pattern: Literal["random", "white", "checkerboard"] = "random"
+    enlarged_trigger_scales: list[Annotated[int, Field(ge=2)]] = Field(
+        default_factory=lambda: [2, 3],
+        description="diagnostic: ASR also measured with the test trigger enlarged k× (same "
+                    "pattern), which tells a weak backdoor from none")
     layout: PoisonLayout = PoisonLayout()
     downstream: DownstreamTask
 
@@ -145,6 +141,17 @@ class PoisoningExperimentConfig(Strict):
         if (self.references is None) == (self.reference_folder is None):
             raise ValueError("give exactly one of `references` (class images) and "
                              "`reference_folder` (images with masks)")
+        return self
+
+    @model_validator(mode="after")
+    def _enlarged_triggers_fit(self) -> PoisoningExperimentConfig:
+        too_large = [k for k in self.enlarged_trigger_scales
+                     if k * self.trigger_size > self.image_size]
+        if too_large:
+            largest = self.image_size // self.trigger_size
+            raise ValueError(f"enlarged_trigger_scales {too_large}: a {self.trigger_size} px "
+                             f"trigger enlarged that much exceeds the {self.image_size} px "
+                             f"image; the largest scale is {largest}")
         return self
 
     @model_validator(mode="after")
@@ -255,11 +262,16 @@ def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
                                              seed=config.seed, layout=layout),
                                 folder, inputs["supports"])
     else:
-        generate_baseline(BaselineConfig(method=method, count=count, seed=config.seed,
-                                         output_size=config.image_size),
-                          folder, target_images=inputs["supports"], trigger=trigger,
+        generate_baseline(baseline_settings(config, method, count), folder, target_images=inputs["supports"], trigger=trigger,
                           references=inputs["references"], backgrounds=inputs["backgrounds"])
     return folder / "images"
+
+
+def baseline_settings(config: PoisoningExperimentConfig, method: Method,
+                      count: int) -> BaselineConfig:
+    """How a baseline's poisons are made; CTRL's triggered test inputs reuse its settings."""
+    return BaselineConfig(method=method, count=count, seed=config.seed,
+                          output_size=config.image_size)
 
 
 def load_poisons(config: PoisoningExperimentConfig, poisons: Path | None
@@ -352,29 +364,45 @@ def downstream_data(config: PoisoningExperimentConfig) -> dict[str, torch.Tensor
     return out
 
 
-def triggered_test_images(images: torch.Tensor, trigger: np.ndarray, seed: int) -> torch.Tensor:
-    """The trigger pasted at a random place in the central band of every image."""
-    rng = np.random.default_rng(seed)
-    stamped = [paste_central(image.permute(1, 2, 0).numpy(), trigger, rng)[0] for image in images]
-    return torch.from_numpy(np.stack(stamped)).permute(0, 3, 1, 2).contiguous()
+def test_sets(config: PoisoningExperimentConfig, images: torch.Tensor) -> TriggeredTestSets:
+    """The triggered test inputs every method of this experiment is attacked with."""
+    trigger = trigger_patch(config.trigger_size, config.trigger_pattern, None, config.seed)
+    ctrl = baseline_settings(config, "ctrl", 1) if "ctrl" in config.methods else None
+    return triggered_test_sets(images, trigger, config.enlarged_trigger_scales, ctrl,
+                               config.seed + 1)
 
 
-def evaluate(config: PoisoningExperimentConfig, encoder_path: Path, data: dict[str, torch.Tensor],
-             triggered: torch.Tensor, device: torch.device) -> dict[str, float]:
+def evaluate(config: PoisoningExperimentConfig, encoder_path: Path, method: Method,
+             data: dict[str, torch.Tensor], triggered: TriggeredTestSets,
+             device: torch.device) -> dict[str, Any]:
+    """CA, and ASR under the method's own trigger (`asr`; `asr_all` counts target-class
+    inputs too). Patch-trigger rows add `asr_enlarged` (trigger px → ASR); the clean row
+    adds `asr_ctrl`, the level a CTRL encoder's ASR is compared with."""
     encoder = load_encoder(encoder_path).to(device)
     precision = config.simclr.precision
     train = encode(encoder, data["train_images"], device, precision=precision)
     probe = train_probe(train, data["train_labels"], len(config.downstream.classes),
                         config.downstream.probe, config.seed)
-    test_predictions = predict(probe, encode(encoder, data["test_images"], device,
-                                             precision=precision))
-    triggered_predictions = predict(probe, encode(encoder, triggered, device,
-                                                  precision=precision))
     target = config.downstream.classes.index(config.downstream.target_class)
-    return {"ca": accuracy(test_predictions, data["test_labels"]),
-            "asr": attack_success_rate(triggered_predictions, data["test_labels"], target),
-            "asr_all": attack_success_rate(triggered_predictions, data["test_labels"], target,
-                                           exclude_target=False)}
+
+    def predictions(images: torch.Tensor) -> torch.Tensor:
+        return predict(probe, encode(encoder, images, device, precision=precision))
+
+    def asr(images: torch.Tensor, exclude_target: bool = True) -> float:
+        return attack_success_rate(predictions(images), data["test_labels"], target,
+                                   exclude_target=exclude_target)
+
+    own = triggered.for_method(method)
+    scores: dict[str, Any] = {
+        "ca": accuracy(predictions(data["test_images"]), data["test_labels"]),
+        "trigger": "ctrl" if method == "ctrl" else "patch",
+        "asr": asr(own), "asr_all": asr(own, exclude_target=False)}
+    if method != "ctrl":
+        scores["asr_enlarged"] = {str(px): asr(images)
+                                  for px, images in triggered.enlarged.items()}
+    if method == "clean" and triggered.ctrl is not None:
+        scores["asr_ctrl"] = asr(triggered.ctrl)
+    return scores
 
 
 def run_name(method: Method, localized: bool) -> str:
@@ -392,9 +420,6 @@ def prepare_poisons(config: PoisoningExperimentConfig, loaded: Inputs, count: in
     for method in config.methods:
         poisons[method] = load_poisons(config, make_poisons(config, method, count, inputs, root))
     return inputs, poisons
-
-
-PAPER_POISON_EPOCHS = 650 * 200  # ImageNet100-A poisons × MoCo-v2 epochs in the paper
 
 
 def attack_pairs(config: PoisoningExperimentConfig, method: Method, localized: bool,
@@ -441,8 +466,7 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_config(config))
     inputs, poisons = prepare_poisons(config, loaded, count, out_dir)
-    trigger = trigger_patch(config.trigger_size, config.trigger_pattern, None, config.seed)
-    triggered = triggered_test_images(data["test_images"], trigger, config.seed + 1)
+    triggered = test_sets(config, data["test_images"])
     rows, encoders = [], []
     for method, localized in runs:
         poison_images, digest = poisons[method]
@@ -450,7 +474,7 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
         folder = out_dir / "encoders" / name
         pretrain = pretrain_config(config, method, digest, count, localized, name)
         encoder, reused = pretrain_encoder(pretrain, clean, poison_images, folder, resume)
-        scores = evaluate(config, encoder, data, triggered, device)
+        scores = evaluate(config, encoder, method, data, triggered, device)
         log(f"  {name}: CA={scores['ca']:.4f} ASR={scores['asr']:.4f}")
         rows.append({"method": method, "localized_crop": localized,
                      "poisons": 0 if poison_images is None else count, **scores,
@@ -468,149 +492,6 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out_dir / "report.md", render_poisoning_report(results))
     return results
-
-
-def _row(rows: list[dict[str, Any]], method: str, localized: bool) -> dict[str, Any] | None:
-    return next((r for r in rows if r["method"] == method
-                 and bool(r["localized_crop"]) == localized), None)
-
-
-def _points(value: float) -> float:
-    """A fraction in [0, 1] as percentage points, rounded as the report prints them."""
-    return round(100 * float(value), 2)
-
-
-def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
-    """The paper's claims checked against measured rows (fractions `ca`, `asr` per
-    `method` and `localized_crop`), one Markdown bullet each; claims whose methods are
-    missing from the rows are skipped."""
-    lines = []
-
-    def verdict(holds: bool) -> str:
-        return "**Holds**" if holds else "**Does not hold**"
-
-    attack, clean = _row(rows, "corruptencoder", False), _row(rows, "clean", False)
-    baselines = [row for method in BASELINES if (row := _row(rows, method, False))]
-    if attack is not None and baselines:
-        best = max(baselines, key=lambda r: float(r["asr"]))
-        asr, base = _points(attack["asr"]), _points(best["asr"])
-        lines.append(
-            f"- {verdict(asr >= base + 20)}: CorruptEncoder's ASR is at least 20 points above "
-            f"the best baseline's — measured {asr:.2f} vs {base:.2f} "
-            f"({METHOD_NAMES[best['method']]}), a margin of {asr - base:+.2f} points "
-            f"(paper: 92.9 vs 35.5, PoisonedEncoder).")
-    def within(claim: str, metric: str, points: float, attacked: dict[str, Any] | None,
-               reference: dict[str, Any] | None, paper: str = "") -> None:
-        """A claim that the attacked encoder's metric is within `points` of the clean one's."""
-        if attacked is None or reference is None:
-            return
-        ours, theirs = _points(attacked[metric]), _points(reference[metric])
-        lines.append(f"- {verdict(abs(ours - theirs) <= points)}: {claim} — measured "
-                     f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}{paper}).")
-
-    within("CorruptEncoder's CA is within 1 point of the clean encoder's", "ca", 1,
-           attack, clean, "; paper: 61.6 vs 61.2")
-    within("with localized cropping CorruptEncoder's ASR is within 5 points of the clean "
-           "encoder's (the defense works)", "asr", 5, _row(rows, "corruptencoder", True),
-           _row(rows, "clean", True))
-    if attack is not None and clean is not None:
-        asr, clean_asr = _points(attack["asr"]), _points(clean["asr"])
-        if abs(asr - clean_asr) <= 5:
-            lines.append(
-                f"- **Caveat**: the backdoor was not learned at this scale — CorruptEncoder's "
-                f"ASR ({asr:.2f}) is within 5 points of the clean encoder's ({clean_asr:.2f}), "
-                f"so a defense that \"holds\" above has nothing to remove.{_pairs_note(attack)}")
-    return lines
-
-
-def _pairs_note(row: dict[str, Any]) -> str:
-    pairs = row.get("attack_pairs")
-    if pairs is None:
-        return ""
-    return (f" Pre-training drew an expected {pairs['expected_pairs']:.1f} trigger/object "
-            f"positive pairs in all (the section above).")
-
-
-def method_label(simclr: dict[str, Any]) -> str:
-    """SimCLR or MoCo-v2, from the pre-training config's `method` (SimCLR if absent)."""
-    return {"moco-v2": "MoCo-v2"}.get(str(simclr.get("method", "simclr")), "SimCLR")
-
-
-def render_poisoning_report(results: dict[str, Any]) -> str:
-    from sslbackdoor.report import markdown_table, percent
-
-    config = results["config"]
-    rows = []
-    for method in config["methods"]:
-        cells = [method]
-        for localized in config["localized_crop"]:
-            row = _row(results["rows"], method, localized)
-            cells += ["–", "–"] if row is None else [percent(row["ca"]), percent(row["asr"])]
-        paper = PAPER_CA_ASR.get(method)
-        cells += [f"{paper[0]:.1f}", f"{paper[1]:.1f}"] if paper else ["–", "–"]
-        rows.append(cells)
-    header = ["method"]
-    for localized in config["localized_crop"]:
-        suffix = " (localized crop)" if localized else ""
-        header += [f"CA{suffix}", f"ASR{suffix}"]
-    header += ["paper CA", "paper ASR"]
-    simclr = config["simclr"]
-    layout = config.get("layout", {})
-    epochs = f"{simclr['epochs']} epoch{'' if simclr['epochs'] == 1 else 's'}"
-    scale = (f"Scale: {method_label(simclr)} `{simclr['arch']}` {epochs} "
-             f"(batch {simclr['batch_size']}) on {results['clean_images']} clean + "
-             f"{results['poison_count']} poisoned images ({100 * config['poison_ratio']:.2f}%), "
-             f"{config['image_size']} px, {config['trigger_size']} px trigger; downstream "
-             f"{config['downstream']['dataset']} classes {config['downstream']['classes']} "
-             f"(target {config['downstream']['target_class']}, absent from pre-training), "
-             f"linear probe; device {results['environment']['device']}; "
-             f"{results['seconds']:.0f} s in all. Paper: ImageNet100-A → ImageNet100-B, "
-             f"MoCo-v2 ResNet-18, 200 epochs, 0.5% poisons, GPUs.")
-    if layout.get("canvas", "object-height") == "square":
-        shapes = ("CorruptEncoder poisons use a square canvas, so resizing them to a square "
-                  "distorts neither object nor trigger.")
-    else:
-        shapes = ("CorruptEncoder poisons use the paper's canvas (object height × area ratio "
-                  "× object width), which the resize to a square squashes horizontally; the "
-                  "trigger is pasted after the resize, so it keeps its shape.")
-    pairs = attack_pairs_section(results["rows"])
-    findings = poisoning_findings(results["rows"]) or ["- No claim can be checked: the rows "
-                                                       "lack the methods they compare."]
-    return "\n\n".join([
-        f"# {results['name']}: CorruptEncoder and baselines (percent)", scale,
-        "ASR excludes test inputs of the target class; the trigger is pasted at a random "
-        "place in the central band of each test image. Images of every source are resized "
-        "to squares by this pipeline. " + shapes,
-        markdown_table(header, rows), *pairs,
-        "## Findings (measured here)",
-        "\n".join(findings)]) + "\n"
-
-
-def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
-    """A report section on the trigger/object positive pairs of the CorruptEncoder rows
-    (empty when no row has them, e.g. results written before they were counted)."""
-    from sslbackdoor.report import markdown_table
-
-    counted = [row for row in rows if "attack_pairs" in row]
-    if not counted:
-        return []
-    criteria = PairCriteria()
-    table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
-              str(row["attack_pairs"]["triggered_poisons"]),
-              f"{100 * row['attack_pairs']['probability']:.3f}",
-              f"{row['attack_pairs']['expected_pairs']:.1f}",
-              f"{PAPER_POISON_EPOCHS * row['attack_pairs']['probability']:.0f}"]
-             for row in counted]
-    return ["## Trigger/object pairs (why ASR is what it is)",
-            "CorruptEncoder plants its backdoor only through positive pairs whose one view "
-            f"holds the trigger (≥ {criteria.trigger_in:.0%} of it) without the object and "
-            f"the other holds the object (≥ {criteria.object_in:.0%}) without the trigger "
-            f"(≤ {criteria.other_out:.0%} of the other box each). Sampled "
-            "from this run's crop policy and the poisons' boxes: the chance per poison and "
-            "epoch, and the expected pairs over the whole run; the last column applies the "
-            "same chance to the paper's 650 poisons × 200 epochs.",
-            markdown_table(["method", "crop", "triggered poisons", "chance per epoch (%)",
-                            "expected pairs (this run)", "at the paper's scale"], table)]
 
 
 def dry_run(config: PoisoningExperimentConfig) -> list[str]:

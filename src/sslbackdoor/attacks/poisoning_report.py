@@ -1,0 +1,207 @@
+"""report.md of the `corruptencoder` experiment: the table next to the paper's, the
+trigger/object pair counts, ASR under enlarged triggers, and the paper's claims checked
+against the measured rows. Works on results.json dicts only (rows with fractions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sslbackdoor.attacks.crop_pairs import PairCriteria
+from sslbackdoor.report import markdown_table, percent
+
+BASELINES = ("ssl-backdoor", "poisonedencoder", "ctrl")
+
+METHOD_NAMES = {"clean": "clean", "corruptencoder": "CorruptEncoder",
+                "corruptencoder+": "CorruptEncoder+", "ssl-backdoor": "SSL-Backdoor",
+                "poisonedencoder": "PoisonedEncoder", "ctrl": "CTRL"}
+
+# CorruptEncoder (CVPR 2024), ImageNet100-A → ImageNet100-B, 0.5% poisons, 3 references.
+PAPER_CA_ASR: dict[str, tuple[float, float]] = {
+    "clean": (61.2, 0.4), "corruptencoder": (61.6, 92.9), "corruptencoder+": (61.7, 99.5),
+    "poisonedencoder": (61.1, 35.5), "ssl-backdoor": (61.3, 14.3)}
+PAPER_POISON_EPOCHS = 650 * 200  # ImageNet100-A poisons × MoCo-v2 epochs in the paper
+
+def _row(rows: list[dict[str, Any]], method: str, localized: bool) -> dict[str, Any] | None:
+    return next((r for r in rows if r["method"] == method
+                 and bool(r["localized_crop"]) == localized), None)
+
+
+def _points(value: float) -> float:
+    """A fraction in [0, 1] as percentage points, rounded as the report prints them."""
+    return round(100 * float(value), 2)
+
+
+def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's claims checked against measured rows (fractions `ca`, `asr` per
+    `method` and `localized_crop`), one Markdown bullet each; claims whose methods are
+    missing from the rows are skipped."""
+    lines = []
+
+    def verdict(holds: bool) -> str:
+        return "**Holds**" if holds else "**Does not hold**"
+
+    attack, clean = _row(rows, "corruptencoder", False), _row(rows, "clean", False)
+    baselines = [row for method in BASELINES if (row := _row(rows, method, False))]
+    if attack is not None and baselines:
+        best = max(baselines, key=lambda r: float(r["asr"]))
+        asr, base = _points(attack["asr"]), _points(best["asr"])
+        lines.append(
+            f"- {verdict(asr >= base + 20)}: CorruptEncoder's ASR is at least 20 points above "
+            f"the best baseline's — measured {asr:.2f} vs {base:.2f} "
+            f"({METHOD_NAMES[best['method']]}), a margin of {asr - base:+.2f} points "
+            f"(paper: 92.9 vs 35.5, PoisonedEncoder).")
+    def within(claim: str, metric: str, points: float, attacked: dict[str, Any] | None,
+               reference: dict[str, Any] | None, paper: str = "") -> None:
+        """A claim that the attacked encoder's metric is within `points` of the clean one's."""
+        if attacked is None or reference is None:
+            return
+        ours, theirs = _points(attacked[metric]), _points(reference[metric])
+        lines.append(f"- {verdict(abs(ours - theirs) <= points)}: {claim} — measured "
+                     f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}{paper}).")
+
+    within("CorruptEncoder's CA is within 1 point of the clean encoder's", "ca", 1,
+           attack, clean, "; paper: 61.6 vs 61.2")
+    within("with localized cropping CorruptEncoder's ASR is within 5 points of the clean "
+           "encoder's (the defense works)", "asr", 5, _row(rows, "corruptencoder", True),
+           _row(rows, "clean", True))
+    if attack is not None and clean is not None:
+        asr, clean_asr = _points(attack["asr"]), _points(clean["asr"])
+        if abs(asr - clean_asr) <= 5:
+            lines.append(
+                f"- **Caveat**: the backdoor was not learned at this scale — CorruptEncoder's "
+                f"ASR ({asr:.2f}) is within 5 points of the clean encoder's ({clean_asr:.2f}), "
+                f"so a defense that \"holds\" above has nothing to remove.{_pairs_note(attack)}"
+                f"{_enlarged_note(attack, clean)}")
+    return lines
+
+
+def _enlarged_note(attack: dict[str, Any], clean: dict[str, Any]) -> str:
+    """Whether the largest enlarged trigger shows a weak association (> 5 points)."""
+    shared = set(attack.get("asr_enlarged", {})) & set(clean.get("asr_enlarged", {}))
+    if not shared:
+        return ""
+    px = max(shared, key=int)
+    asr, clean_asr = _points(attack["asr_enlarged"][px]), _points(clean["asr_enlarged"][px])
+    verdict = ("so a weak trigger → target association was learned" if asr - clean_asr > 5
+               else "so no association shows even then")
+    return (f" With the trigger enlarged to {px} px its ASR is {asr:.2f} vs the clean "
+            f"encoder's {clean_asr:.2f}, {verdict}.")
+
+
+def _pairs_note(row: dict[str, Any]) -> str:
+    pairs = row.get("attack_pairs")
+    if pairs is None:
+        return ""
+    return (f" Pre-training drew an expected {pairs['expected_pairs']:.1f} trigger/object "
+            f"positive pairs in all (the section above).")
+
+
+def method_label(simclr: dict[str, Any]) -> str:
+    """SimCLR or MoCo-v2, from the pre-training config's `method` (SimCLR if absent)."""
+    return {"moco-v2": "MoCo-v2"}.get(str(simclr.get("method", "simclr")), "SimCLR")
+
+
+def render_poisoning_report(results: dict[str, Any]) -> str:
+    config = results["config"]
+    rows = []
+    for method in config["methods"]:
+        cells = [method]
+        for localized in config["localized_crop"]:
+            row = _row(results["rows"], method, localized)
+            cells += ["–", "–"] if row is None else [percent(row["ca"]), percent(row["asr"])]
+        paper = PAPER_CA_ASR.get(method)
+        cells += [f"{paper[0]:.1f}", f"{paper[1]:.1f}"] if paper else ["–", "–"]
+        rows.append(cells)
+    header = ["method"]
+    for localized in config["localized_crop"]:
+        suffix = " (localized crop)" if localized else ""
+        header += [f"CA{suffix}", f"ASR{suffix}"]
+    header += ["paper CA", "paper ASR"]
+    simclr = config["simclr"]
+    layout = config.get("layout", {})
+    epochs = f"{simclr['epochs']} epoch{'' if simclr['epochs'] == 1 else 's'}"
+    scale = (f"Scale: {method_label(simclr)} `{simclr['arch']}` {epochs} "
+             f"(batch {simclr['batch_size']}) on {results['clean_images']} clean + "
+             f"{results['poison_count']} poisoned images ({100 * config['poison_ratio']:.2f}%), "
+             f"{config['image_size']} px, {config['trigger_size']} px trigger; downstream "
+             f"{config['downstream']['dataset']} classes {config['downstream']['classes']} "
+             f"(target {config['downstream']['target_class']}, absent from pre-training), "
+             f"linear probe; device {results['environment']['device']}; "
+             f"{results['seconds']:.0f} s in all. Paper: ImageNet100-A → ImageNet100-B, "
+             f"MoCo-v2 ResNet-18, 200 epochs, 0.5% poisons, GPUs.")
+    if layout.get("canvas", "object-height") == "square":
+        shapes = ("CorruptEncoder poisons use a square canvas, so resizing them to a square "
+                  "distorts neither object nor trigger.")
+    else:
+        shapes = ("CorruptEncoder poisons use the paper's canvas (object height × area ratio "
+                  "× object width), which the resize to a square squashes horizontally; the "
+                  "trigger is pasted after the resize, so it keeps its shape.")
+    pairs = attack_pairs_section(results["rows"])
+    enlarged = enlarged_trigger_section(results["rows"], config["trigger_size"])
+    findings = poisoning_findings(results["rows"]) or ["- No claim can be checked: the rows "
+                                                       "lack the methods they compare."]
+    return "\n\n".join([
+        f"# {results['name']}: CorruptEncoder and baselines (percent)", scale,
+        "ASR excludes test inputs of the target class; the trigger is pasted at a random "
+        "place in the central band of each test image. Images of every source are resized "
+        "to squares by this pipeline. " + shapes + _ctrl_note(results["rows"]),
+        markdown_table(header, rows), *pairs, *enlarged,
+        "## Findings (measured here)",
+        "\n".join(findings)]) + "\n"
+
+
+def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
+    """A report section on the trigger/object positive pairs of the CorruptEncoder rows
+    (empty when no row has them, e.g. results written before they were counted)."""
+    counted = [row for row in rows if "attack_pairs" in row]
+    if not counted:
+        return []
+    criteria = PairCriteria()
+    table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
+              str(row["attack_pairs"]["triggered_poisons"]),
+              f"{100 * row['attack_pairs']['probability']:.3f}",
+              f"{row['attack_pairs']['expected_pairs']:.1f}",
+              f"{PAPER_POISON_EPOCHS * row['attack_pairs']['probability']:.0f}"]
+             for row in counted]
+    return ["## Trigger/object pairs (why ASR is what it is)",
+            "CorruptEncoder plants its backdoor only through positive pairs whose one view "
+            f"holds the trigger (≥ {criteria.trigger_in:.0%} of it) without the object and "
+            f"the other holds the object (≥ {criteria.object_in:.0%}) without the trigger "
+            f"(≤ {criteria.other_out:.0%} of the other box each). Sampled "
+            "from this run's crop policy and the poisons' boxes: the chance per poison and "
+            "epoch, and the expected pairs over the whole run; the last column applies the "
+            "same chance to the paper's 650 poisons × 200 epochs.",
+            markdown_table(["method", "crop", "triggered poisons", "chance per epoch (%)",
+                            "expected pairs (this run)", "at the paper's scale"], table)]
+
+
+
+
+def _ctrl_note(rows: list[dict[str, Any]]) -> str:
+    clean = _row(rows, "clean", False)
+    if not any(row["method"] == "ctrl" for row in rows):
+        return ""
+    level = ("" if clean is None or "asr_ctrl" not in clean else
+             f" (the clean encoder's ASR under it: {_points(clean['asr_ctrl']):.2f})")
+    return (f" CTRL's rows are attacked with CTRL's own frequency trigger, made with the "
+            f"settings of its poisons{level}; every other row with the patch.")
+
+
+def enlarged_trigger_section(rows: list[dict[str, Any]], trigger_size: int) -> list[str]:
+    """ASR of every patch-trigger row with the test trigger enlarged (empty when no row
+    has such measurements, e.g. results written before they were made)."""
+    measured = [row for row in rows if row.get("asr_enlarged")]
+    if not measured:
+        return []
+    sizes = sorted({px for row in measured for px in row["asr_enlarged"]}, key=int)
+    table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
+              percent(row["asr"]),
+              *(percent(row["asr_enlarged"][px]) if px in row["asr_enlarged"] else "–"
+                for px in sizes)]
+             for row in measured]
+    return ["## ASR with enlarged test triggers (a weak backdoor, or none?)",
+            "The same trigger pattern, every pixel repeated, pasted the same way into the same "
+            "test images. A backdoor too weak to outweigh the image at the trained size shows "
+            "up as an ASR that grows with the trigger faster than the clean encoder's.",
+            markdown_table(["method", "crop", f"ASR ({trigger_size} px)",
+                            *(f"ASR ({px} px)" for px in sizes)], table)]
