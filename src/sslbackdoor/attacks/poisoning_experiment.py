@@ -78,6 +78,8 @@ Method = Literal["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
 ALL_METHODS: list[Method] = ["clean", "corruptencoder", "corruptencoder+", "ssl-backdoor",
                              "poisonedencoder", "ctrl"]
 CORRUPTENCODERS: tuple[Method, ...] = ("corruptencoder", "corruptencoder+")  # object + trigger
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -262,7 +264,8 @@ def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
                                              seed=config.seed, layout=layout),
                                 folder, inputs["supports"])
     else:
-        generate_baseline(baseline_settings(config, method, count), folder, target_images=inputs["supports"], trigger=trigger,
+        generate_baseline(baseline_settings(config, method, count), folder,
+                          target_images=inputs["supports"], trigger=trigger,
                           references=inputs["references"], backgrounds=inputs["backgrounds"])
     return folder / "images"
 
@@ -364,7 +367,8 @@ def downstream_data(config: PoisoningExperimentConfig) -> dict[str, torch.Tensor
     return out
 
 
-def test_sets(config: PoisoningExperimentConfig, images: torch.Tensor) -> TriggeredTestSets:
+def triggered_test_inputs(config: PoisoningExperimentConfig,
+                          images: torch.Tensor) -> TriggeredTestSets:
     """The triggered test inputs every method of this experiment is attacked with."""
     trigger = trigger_patch(config.trigger_size, config.trigger_pattern, None, config.seed)
     ctrl = baseline_settings(config, "ctrl", 1) if "ctrl" in config.methods else None
@@ -466,7 +470,7 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_config(config))
     inputs, poisons = prepare_poisons(config, loaded, count, out_dir)
-    triggered = test_sets(config, data["test_images"])
+    triggered = triggered_test_inputs(config, data["test_images"])
     rows, encoders = [], []
     for method, localized in runs:
         poison_images, digest = poisons[method]
