@@ -61,7 +61,33 @@ def test_the_not_learned_caveat_tells_a_weak_backdoor_from_none() -> None:
     assert "With the trigger enlarged to 24 px its ASR is 7.20 vs the clean encoder's 0.20" in weak
     assert "a weak trigger → target association was learned" in weak
     none = _not_learned(0.04)[-1]
-    assert "4.00 vs the clean encoder's 0.20, so no association shows even then" in none
+    assert ("4.00 vs the clean encoder's 0.20, so no association of more than 5 points shows "
+            "even then") in none
+
+
+def test_the_caveat_quotes_the_size_where_the_attack_exceeds_clean_most() -> None:
+    rows = _rows({("clean", False): (95.0, 0.3), ("corruptencoder", False): (95.1, 0.6)})
+    rows[0]["asr_enlarged"] = {"16": 0.0003, "24": 0.0}
+    rows[1]["asr_enlarged"] = {"16": 0.039, "24": 0.003}
+    assert "enlarged to 16 px its ASR is 3.90 vs the clean encoder's 0.03" in \
+        poisoning_findings(rows)[-1]
+
+
+def test_the_ranking_is_checked_again_with_enlarged_triggers() -> None:
+    rows = _rows({("clean", False): (95.0, 0.3), ("corruptencoder", False): (95.1, 0.6),
+                  ("ssl-backdoor", False): (95.0, 0.7), ("poisonedencoder", False): (95.1, 2.0),
+                  ("ctrl", False): (95.0, 0.3)})
+    for row, enlarged in zip(rows, [{"16": 0.0003, "24": 0.0}, {"16": 0.039, "24": 0.003},
+                                    {"16": 0.07, "24": 0.981}, {"16": 0.8267, "24": 1.0}],
+                             strict=False):
+        row["asr_enlarged"] = enlarged
+    lines = poisoning_findings(rows)
+    assert lines[1] == ("- **Does not hold**: with enlarged test triggers (the section above) "
+                        "CorruptEncoder's highest ASR is at least 20 points above the best "
+                        "baseline's — measured 3.90 (16 px) vs 100.00 (PoisonedEncoder, 24 px).")
+    rows[1]["asr_enlarged"] = {"16": 0.95}
+    rows[2]["asr_enlarged"] = rows[3]["asr_enlarged"] = {"16": 0.5}
+    assert poisoning_findings(rows)[1].startswith("- **Holds**: with enlarged test triggers")
 
 
 def test_enlarged_section_lists_patch_rows_by_trigger_size() -> None:

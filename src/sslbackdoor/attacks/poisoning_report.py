@@ -36,10 +36,7 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
     `method` and `localized_crop`), one Markdown bullet each; claims whose methods are
     missing from the rows are skipped."""
     lines = []
-
-    def verdict(holds: bool) -> str:
-        return "**Holds**" if holds else "**Does not hold**"
-
+    verdict = _verdict
     attack, clean = _row(rows, "corruptencoder", False), _row(rows, "clean", False)
     baselines = [row for method in BASELINES if (row := _row(rows, method, False))]
     if attack is not None and baselines:
@@ -50,6 +47,7 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
             f"the best baseline's — measured {asr:.2f} vs {base:.2f} "
             f"({METHOD_NAMES[best['method']]}), a margin of {asr - base:+.2f} points "
             f"(paper: 92.9 vs 35.5, PoisonedEncoder).")
+        lines += _enlarged_claim(attack, baselines)
     def within(claim: str, metric: str, points: float, attacked: dict[str, Any] | None,
                reference: dict[str, Any] | None, paper: str = "") -> None:
         """A claim that the attacked encoder's metric is within `points` of the clean one's."""
@@ -75,15 +73,45 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _verdict(holds: bool) -> str:
+    return "**Holds**" if holds else "**Does not hold**"
+
+
+def _strongest_enlarged(row: dict[str, Any]) -> tuple[str, float] | None:
+    """(trigger px, ASR points) of a row's highest enlarged-trigger ASR; None if unmeasured."""
+    measured = row.get("asr_enlarged") or {}
+    if not measured:
+        return None
+    px = max(measured, key=lambda size: (float(measured[size]), -int(size)))
+    return px, _points(measured[px])
+
+
+def _enlarged_claim(attack: dict[str, Any], baselines: list[dict[str, Any]]) -> list[str]:
+    """The paper's ranking checked again at the enlarged trigger size where each backdoor
+    shows most (patch baselines only: CTRL's trigger has no size)."""
+    ours = _strongest_enlarged(attack)
+    theirs = [(row, best) for row in baselines if (best := _strongest_enlarged(row))]
+    if ours is None or not theirs:
+        return []
+    row, (px, base) = max(theirs, key=lambda item: item[1][1])
+    return [f"- {_verdict(ours[1] >= base + 20)}: with enlarged test triggers (the section "
+            f"above) CorruptEncoder's highest ASR is at least 20 points above the best "
+            f"baseline's — measured {ours[1]:.2f} ({ours[0]} px) vs {base:.2f} "
+            f"({METHOD_NAMES[row['method']]}, {px} px)."]
+
+
 def _enlarged_note(attack: dict[str, Any], clean: dict[str, Any]) -> str:
-    """Whether the largest enlarged trigger shows a weak association (> 5 points)."""
+    """Whether an enlarged trigger shows a weak association: the size where the attack's
+    ASR exceeds the clean encoder's most, and whether by more than 5 points."""
     shared = set(attack.get("asr_enlarged", {})) & set(clean.get("asr_enlarged", {}))
     if not shared:
         return ""
-    px = max(shared, key=int)
-    asr, clean_asr = _points(attack["asr_enlarged"][px]), _points(clean["asr_enlarged"][px])
+    gaps = {px: (_points(attack["asr_enlarged"][px]), _points(clean["asr_enlarged"][px]))
+            for px in shared}
+    px = max(sorted(shared, key=int), key=lambda size: gaps[size][0] - gaps[size][1])
+    asr, clean_asr = gaps[px]
     verdict = ("so a weak trigger → target association was learned" if asr - clean_asr > 5
-               else "so no association shows even then")
+               else "so no association of more than 5 points shows even then")
     return (f" With the trigger enlarged to {px} px its ASR is {asr:.2f} vs the clean "
             f"encoder's {clean_asr:.2f}, {verdict}.")
 
