@@ -115,3 +115,21 @@ def test_report_names_the_trigger_ctrl_is_attacked_with() -> None:
     assert ("CTRL's rows are attacked with CTRL's own frequency trigger, made with the settings "
             "of its poisons (the clean encoder's ASR under it: 1.10)") in report
     assert "| ctrl | 80.00 | 12.50 | – | – |" in report
+
+
+def test_localized_cropping_is_judged_where_the_backdoors_show() -> None:
+    rows = _rows({("clean", False): (95.0, 0.3), ("poisonedencoder", False): (95.1, 2.0),
+                  ("clean", True): (95.2, 0.2), ("poisonedencoder", True): (95.5, 0.3),
+                  ("ssl-backdoor", True): (95.3, 0.5)})
+    for row, enlarged in zip(rows, [{"16": 0.0, "24": 0.0}, {"16": 0.8267, "24": 1.0},
+                                    {"16": 0.0, "24": 0.0}, {"16": 0.002, "24": 0.0},
+                                    {"16": 0.0003, "24": 0.0}], strict=True):
+        row["asr_enlarged"] = enlarged
+    defense = [line for line in poisoning_findings(rows) if "localized cropping no method" in line]
+    assert defense == ["- **Holds**: with localized cropping no method's enlarged-trigger ASR "
+                       "exceeds the clean encoder's by more than 5 points — largest excess "
+                       "+0.20 (PoisonedEncoder, 16 px); without it: +100.00 "
+                       "(PoisonedEncoder, 24 px)."]
+    rows[3]["asr_enlarged"] = {"16": 0.3, "24": 0.0}
+    assert any(line.startswith("- **Does not hold**: with localized cropping no method")
+               for line in poisoning_findings(rows))

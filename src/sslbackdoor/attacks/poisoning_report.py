@@ -62,6 +62,7 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
     within("with localized cropping CorruptEncoder's ASR is within 5 points of the clean "
            "encoder's (the defense works)", "asr", 5, _row(rows, "corruptencoder", True),
            _row(rows, "clean", True))
+    lines += _defense_claim(rows)
     if attack is not None and clean is not None:
         asr, clean_asr = _points(attack["asr"]), _points(clean["asr"])
         if abs(asr - clean_asr) <= 5:
@@ -100,17 +101,47 @@ def _enlarged_claim(attack: dict[str, Any], baselines: list[dict[str, Any]]) -> 
             f"({METHOD_NAMES[row['method']]}, {px} px)."]
 
 
+def _excess(row: dict[str, Any], clean: dict[str, Any]) -> tuple[float, str] | None:
+    """Largest enlarged-trigger ASR excess over the clean row (points) and its size."""
+    shared = sorted(set(row.get("asr_enlarged", {})) & set(clean.get("asr_enlarged", {})), key=int)
+    if not shared:
+        return None
+    excess, size = max((_points(row["asr_enlarged"][px]) - _points(clean["asr_enlarged"][px]),
+                        int(px)) for px in shared)
+    return round(excess, 2), str(size)
+
+
+def _defense_claim(rows: list[dict[str, Any]]) -> list[str]:
+    """Localized cropping judged on the enlarged triggers, where backdoors too weak for the
+    table show: every attacked row's excess over the clean encoder, with and without it."""
+    worst: dict[bool, tuple[float, str, str]] = {}
+    for localized in (False, True):
+        clean = _row(rows, "clean", localized)
+        attacked = [row for row in rows if row["method"] != "clean"
+                    and bool(row["localized_crop"]) == localized]
+        excesses = [(*excess, METHOD_NAMES[row["method"]]) for row in attacked
+                    if clean is not None and (excess := _excess(row, clean)) is not None]
+        if excesses:
+            worst[localized] = max(excesses)
+    if True not in worst:
+        return []
+    points, px, name = worst[True]
+    without = ("" if False not in worst else
+               f"; without it: +{worst[False][0]:.2f} ({worst[False][2]}, {worst[False][1]} px)")
+    return [f"- {_verdict(points <= 5)}: with localized cropping no method's enlarged-trigger "
+            f"ASR exceeds the clean encoder's by more than 5 points — largest excess "
+            f"{points:+.2f} ({name}, {px} px){without}."]
+
+
 def _enlarged_note(attack: dict[str, Any], clean: dict[str, Any]) -> str:
     """Whether an enlarged trigger shows a weak association: the size where the attack's
     ASR exceeds the clean encoder's most, and whether by more than 5 points."""
-    shared = set(attack.get("asr_enlarged", {})) & set(clean.get("asr_enlarged", {}))
-    if not shared:
+    excess = _excess(attack, clean)
+    if excess is None:
         return ""
-    gaps = {px: (_points(attack["asr_enlarged"][px]), _points(clean["asr_enlarged"][px]))
-            for px in shared}
-    px = max(sorted(shared, key=int), key=lambda size: gaps[size][0] - gaps[size][1])
-    asr, clean_asr = gaps[px]
-    verdict = ("so a weak trigger → target association was learned" if asr - clean_asr > 5
+    points, px = excess
+    asr, clean_asr = _points(attack["asr_enlarged"][px]), _points(clean["asr_enlarged"][px])
+    verdict = ("so a weak trigger → target association was learned" if points > 5
                else "so no association of more than 5 points shows even then")
     return (f" With the trigger enlarged to {px} px its ASR is {asr:.2f} vs the clean "
             f"encoder's {clean_asr:.2f}, {verdict}.")
