@@ -54,6 +54,7 @@ unit: setup data
 benchmark: setup data
 	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/attack_throughput.py
+	$(BIN)/python benchmarks/compile.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
