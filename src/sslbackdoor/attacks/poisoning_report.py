@@ -35,26 +35,26 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
     """The paper's claims checked against measured rows (fractions `ca`, `asr` per
     `method` and `localized_crop`), one Markdown bullet each; claims whose methods are
     missing from the rows are skipped."""
-    lines = []
-    verdict = _verdict
+    lines: list[str] = []
     attack, clean = _row(rows, "corruptencoder", False), _row(rows, "clean", False)
     baselines = [row for method in BASELINES if (row := _row(rows, method, False))]
     if attack is not None and baselines:
         best = max(baselines, key=lambda r: float(r["asr"]))
         asr, base = _points(attack["asr"]), _points(best["asr"])
         lines.append(
-            f"- {verdict(asr >= base + 20)}: CorruptEncoder's ASR is at least 20 points above "
+            f"- {_verdict(asr >= base + 20)}: CorruptEncoder's ASR is at least 20 points above "
             f"the best baseline's — measured {asr:.2f} vs {base:.2f} "
             f"({METHOD_NAMES[best['method']]}), a margin of {asr - base:+.2f} points "
             f"(paper: 92.9 vs 35.5, PoisonedEncoder).")
         lines += _enlarged_claim(attack, baselines)
+
     def within(claim: str, metric: str, points: float, attacked: dict[str, Any] | None,
                reference: dict[str, Any] | None, paper: str = "") -> None:
         """A claim that the attacked encoder's metric is within `points` of the clean one's."""
         if attacked is None or reference is None:
             return
         ours, theirs = _points(attacked[metric]), _points(reference[metric])
-        lines.append(f"- {verdict(abs(ours - theirs) <= points)}: {claim} — measured "
+        lines.append(f"- {_verdict(abs(ours - theirs) <= points)}: {claim} — measured "
                      f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}{paper}).")
 
     within("CorruptEncoder's CA is within 1 point of the clean encoder's", "ca", 1,
@@ -127,7 +127,7 @@ def _defense_claim(rows: list[dict[str, Any]]) -> list[str]:
         return []
     points, px, name = worst[True]
     without = ("" if False not in worst else
-               f"; without it: +{worst[False][0]:.2f} ({worst[False][2]}, {worst[False][1]} px)")
+               f"; without it: {worst[False][0]:+.2f} ({worst[False][2]}, {worst[False][1]} px)")
     return [f"- {_verdict(points <= 5)}: with localized cropping no method's enlarged-trigger "
             f"ASR exceeds the clean encoder's by more than 5 points — largest excess "
             f"{points:+.2f} ({name}, {px} px){without}."]
