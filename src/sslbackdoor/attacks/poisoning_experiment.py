@@ -52,7 +52,11 @@ from sslbackdoor.attacks.corruptencoder import (
 from sslbackdoor.attacks.crop_pairs import expected_attack_pairs
 from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline
 from sslbackdoor.attacks.poisoning_report import method_label, render_poisoning_report
-from sslbackdoor.attacks.triggered_inputs import TriggeredTestSets, triggered_test_sets
+from sslbackdoor.attacks.triggered_inputs import (
+    TriggeredTestSets,
+    trigger_kind,
+    triggered_test_sets,
+)
 from sslbackdoor.config import DataSource, dump_config
 from sslbackdoor.data.datasets import Split, load_dataset
 from sslbackdoor.data.sources import load_sources
@@ -396,12 +400,11 @@ def evaluate(config: PoisoningExperimentConfig, encoder_path: Path, method: Meth
         return attack_success_rate(predictions(images), data["test_labels"], target,
                                    exclude_target=exclude_target)
 
-    own = triggered.for_method(method)
+    own, kind = triggered.for_method(method), trigger_kind(method)
     scores: dict[str, Any] = {
         "ca": accuracy(predictions(data["test_images"]), data["test_labels"]),
-        "trigger": "ctrl" if method == "ctrl" else "patch",
-        "asr": asr(own), "asr_all": asr(own, exclude_target=False)}
-    if method != "ctrl":
+        "trigger": kind, "asr": asr(own), "asr_all": asr(own, exclude_target=False)}
+    if kind == "patch":
         scores["asr_enlarged"] = {str(px): asr(images)
                                   for px, images in triggered.enlarged.items()}
     if method == "clean" and triggered.ctrl is not None:

@@ -21,6 +21,11 @@ import torch
 from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, ctrl_trigger, paste_central
 
 
+def trigger_kind(method: str) -> str:
+    """"ctrl" for CTRL, whose poisons carry its frequency trigger; "patch" for every other."""
+    return "ctrl" if method == "ctrl" else "patch"
+
+
 @dataclass
 class TriggeredTestSets:
     """uint8 [N,3,S,S] test images with a trigger: `patch` at its own size, `enlarged`
@@ -32,7 +37,7 @@ class TriggeredTestSets:
 
     def for_method(self, method: str) -> torch.Tensor:
         """The set a method's encoder is attacked with (its own trigger)."""
-        if method != "ctrl":
+        if trigger_kind(method) == "patch":
             return self.patch
         if self.ctrl is None:
             raise ValueError("no CTRL test set was made")
