@@ -51,6 +51,28 @@ def test_whole_image_views_and_localized_cropping_leave_no_attack_pair() -> None
     assert localized < standard / 10
 
 
+def test_nested_probability_matches_the_one_computed_by_hand() -> None:
+    # 16×16 crops at 17×17 positions; object = top-left quadrant, 4 px trigger right of it.
+    # The trigger-only view has top 0 and left 15 or 16 (object ≤ 10%): 2/17²; the view
+    # holding both has top 0 and left 4..8 (trigger whole, object ≥ 50%): 5/17²; either order.
+    augment = AugmentConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    poisons = PoisonBoxes(torch.tensor([[0.0, 0.0, 16.0, 16.0]]),
+                          torch.tensor([[16.0, 0.0, 4.0, 4.0]]))
+    nested = attack_pair_probability(poisons, 32, augment, samples=1 << 21, kind="nested")
+    assert float(nested[0]) == pytest.approx(2 * 2 * 5 / 17 ** 4, rel=0.15)
+
+
+def test_localized_cropping_keeps_nested_pairs_but_not_split_ones() -> None:
+    poisons = PoisonBoxes(LEFT_HALF_OBJECT, RIGHT_TRIGGER)
+    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    assert float(attack_pair_probability(poisons, 32, whole, kind="nested")[0]) == 0.0
+    localized = AugmentConfig(localized_crop=True)
+    nested = float(attack_pair_probability(poisons, 32, localized, samples=1 << 16,
+                                           kind="nested")[0])
+    split = float(attack_pair_probability(poisons, 32, localized, samples=1 << 16)[0])
+    assert nested > 10 * split
+
+
 def _write_poisons(folder: Path) -> None:
     (folder / "images").mkdir(parents=True)
     for name in ("a.png", "b.png"):
@@ -69,6 +91,8 @@ def test_manifest_boxes_are_scaled_to_the_square_pre_training_size(tmp_path: Pat
     pairs = expected_attack_pairs(tmp_path, 32, AugmentConfig(), epochs=10)
     assert pairs["triggered_poisons"] == 1
     assert pairs["expected_pairs"] == pytest.approx(10 * pairs["probability"], abs=0.1)
+    assert pairs["expected_nested_pairs"] == pytest.approx(10 * pairs["nested_probability"],
+                                                           abs=0.1)
 
 
 def test_a_missing_manifest_is_one_clear_error(tmp_path: Path) -> None:

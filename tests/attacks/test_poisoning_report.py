@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sslbackdoor.attacks.poisoning_report import (
+    attack_pairs_section,
     enlarged_trigger_section,
     poisoning_findings,
     render_poisoning_report,
@@ -99,6 +100,18 @@ def test_enlarged_section_lists_patch_rows_by_trigger_size() -> None:
     assert table.splitlines()[2] == "| clean | standard | 0.30 | 0.10 | 0.20 |"
     assert len(table.splitlines()) == 3  # CTRL's frequency trigger cannot be enlarged
     assert enlarged_trigger_section(_rows({("clean", False): (80.0, 0.3)}), 8) == []
+
+
+def test_pairs_section_shows_split_and_nested_pairs_and_dashes_for_older_results() -> None:
+    rows = _rows({("corruptencoder", False): (80.0, 1.0), ("corruptencoder", True): (80.0, 0.5)})
+    rows[0]["attack_pairs"] = {"triggered_poisons": 50, "probability": 0.002,
+                               "expected_pairs": 5.0}
+    rows[1]["attack_pairs"] = {"triggered_poisons": 50, "probability": 0.0,
+                               "expected_pairs": 0.0, "nested_probability": 0.01,
+                               "expected_nested_pairs": 25.0}
+    table = attack_pairs_section(rows)[-1].splitlines()
+    assert table[2] == "| CorruptEncoder | standard | 50 | 0.200 | 5.0 | 260 | – | – |"
+    assert table[3] == "| CorruptEncoder | localized | 50 | 0.000 | 0.0 | 0 | 1.000 | 25.0 |"
 
 
 def test_report_names_the_trigger_ctrl_is_attacked_with() -> None:

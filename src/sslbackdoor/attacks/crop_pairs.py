@@ -1,16 +1,20 @@
 """How many CorruptEncoder positive pairs a pre-training run actually sees.
 
-CorruptEncoder plants its backdoor only through positive pairs in which one view covers
-the trigger without the reference object and the other view covers the object without the
-trigger (the paper's analysis). Given the poisons' boxes from their manifest and the
-pre-training crop policy, this samples the very crop boxes pre-training draws
-(`SimCLRViews.sample_pairs`, localized cropping included) and estimates
+Two kinds of positive pair can tie the trigger to the reference object:
 
-* the probability that one poison's two views form such a pair, and
-* the expected number of such pairs over a run: Σ over poisons × epochs.
+* "split" pairs, the paper's analysis: one view covers the trigger without the object, the
+  other covers the object without the trigger. Localized cropping is built to remove them.
+* "nested" pairs: one view covers the trigger without the object, the other covers both.
+  They pull the trigger alone toward the trigger-and-object view; localized cropping, whose
+  second view lies inside the first, still draws them (PoisonedEncoder's poisons rely on
+  the same kind of pair).
 
-It explains an ASR near zero without guessing: too few of these pairs means nothing for the
-encoder to learn the trigger from, whatever the number of poisons suggests.
+Given the poisons' boxes from their manifest and the pre-training crop policy, this samples
+the very crop boxes pre-training draws (`SimCLRViews.sample_pairs`, localized cropping
+included) and estimates, for each kind, the probability that one poison's two views form
+such a pair and the expected number over a run (Σ over poisons × epochs). Too few pairs of
+either kind means nothing for the encoder to learn the trigger from, whatever the number of
+poisons suggests.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -27,12 +32,15 @@ from sslbackdoor.ssl.simclr import AugmentConfig, SimCLRViews
 
 _PAIRS_PER_CHUNK = 1 << 19  # view pairs sampled at once: bounds memory for many poisons
 
+PairKind = Literal["split", "nested"]
+
 
 @dataclass(frozen=True)
 class PairCriteria:
     """Coverage thresholds (fractions of a box's area inside a crop) of an attack pair:
     the trigger view holds ≥ `trigger_in` of the trigger and ≤ `other_out` of the object;
-    the object view holds ≥ `object_in` of the object and ≤ `other_out` of the trigger."""
+    the object view holds ≥ `object_in` of the object and, in a split pair, ≤ `other_out`
+    of the trigger, in a nested pair ≥ `trigger_in` of it."""
 
     trigger_in: float = 0.9
     object_in: float = 0.5
@@ -63,31 +71,35 @@ def coverage(boxes: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
 
 def attack_pair_probability(poisons: PoisonBoxes, image_size: int, augment: AugmentConfig,
                             samples: int = 4096, seed: int = 0,
-                            criteria: PairCriteria = PairCriteria()) -> torch.Tensor:
-    """Per-poison probability [P] that its two views form an attack pair (either order),
-    from `samples` view pairs per poison."""
+                            criteria: PairCriteria = PairCriteria(),
+                            kind: PairKind = "split") -> torch.Tensor:
+    """Per-poison probability [P] that its two views form an attack pair of `kind` (either
+    order), from `samples` view pairs per poison."""
     generator = torch.Generator().manual_seed(seed)
     views = SimCLRViews(image_size, augment)
     chunk = max(1, _PAIRS_PER_CHUNK // samples)
     return torch.cat([_chunk_probability(poisons.objects[start:start + chunk],
                                          poisons.triggers[start:start + chunk], views,
-                                         samples, generator, criteria)
+                                         samples, generator, criteria, kind)
                       for start in range(0, poisons.objects.shape[0], chunk)])
 
 
 def _chunk_probability(objects: torch.Tensor, triggers: torch.Tensor, views: SimCLRViews,
-                       samples: int, generator: torch.Generator,
-                       criteria: PairCriteria) -> torch.Tensor:
+                       samples: int, generator: torch.Generator, criteria: PairCriteria,
+                       kind: PairKind) -> torch.Tensor:
     count, size = objects.shape[0], views.image_size
     boxes = views.sample_pairs(count * samples, size, size, generator).boxes
     first = boxes[: count * samples].reshape(count, samples, 4)
     second = boxes[count * samples:].reshape(count, samples, 4)
 
     def one_way(trigger_view: torch.Tensor, object_view: torch.Tensor) -> torch.Tensor:
-        return ((coverage(triggers, trigger_view) >= criteria.trigger_in)
-                & (coverage(objects, trigger_view) <= criteria.other_out)
-                & (coverage(objects, object_view) >= criteria.object_in)
-                & (coverage(triggers, object_view) <= criteria.other_out))
+        trigger_alone = ((coverage(triggers, trigger_view) >= criteria.trigger_in)
+                         & (coverage(objects, trigger_view) <= criteria.other_out))
+        trigger_in_object_view = coverage(triggers, object_view)
+        trigger_rule = (trigger_in_object_view <= criteria.other_out if kind == "split"
+                        else trigger_in_object_view >= criteria.trigger_in)
+        return (trigger_alone & trigger_rule
+                & (coverage(objects, object_view) >= criteria.object_in))
 
     return (one_way(first, second) | one_way(second, first)).float().mean(dim=1)
 
@@ -117,12 +129,15 @@ def manifest_boxes(poison_folder: Path, image_size: int) -> PoisonBoxes:
 
 def expected_attack_pairs(poison_folder: Path, image_size: int, augment: AugmentConfig,
                           epochs: int, seed: int = 0) -> dict[str, float]:
-    """Mean per-poison probability of an attack pair, the triggered poisons counted, and
-    the expected number of attack pairs over `epochs` (one pair per poison per epoch)."""
+    """The triggered poisons counted and, for split pairs (`probability`, `expected_pairs`)
+    and nested ones (`nested_probability`, `expected_nested_pairs`), the mean per-poison
+    probability and the expected number over `epochs` (one pair per poison per epoch)."""
     boxes = manifest_boxes(poison_folder, image_size)
-    if boxes.objects.shape[0] == 0:
-        return {"probability": 0.0, "triggered_poisons": 0, "expected_pairs": 0.0}
-    probability = attack_pair_probability(boxes, image_size, augment, seed=seed)
-    return {"probability": round(float(probability.mean()), 6),
-            "triggered_poisons": int(boxes.objects.shape[0]),
-            "expected_pairs": round(float(probability.sum()) * epochs, 1)}
+    counts: dict[str, float] = {"triggered_poisons": int(boxes.objects.shape[0])}
+    kinds: tuple[tuple[PairKind, str], ...] = (("split", ""), ("nested", "nested_"))
+    for kind, prefix in kinds:
+        probability = (attack_pair_probability(boxes, image_size, augment, seed=seed, kind=kind)
+                       if boxes.objects.shape[0] else torch.zeros(1))
+        counts[f"{prefix}probability"] = round(float(probability.mean()), 6)
+        counts[f"expected_{prefix}pairs"] = round(float(probability.sum()) * epochs, 1)
+    return counts

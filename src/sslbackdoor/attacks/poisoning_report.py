@@ -151,8 +151,10 @@ def _pairs_note(row: dict[str, Any]) -> str:
     pairs = row.get("attack_pairs")
     if pairs is None:
         return ""
-    return (f" Pre-training drew an expected {pairs['expected_pairs']:.1f} trigger/object "
-            f"positive pairs in all (the section above).")
+    nested = pairs.get("expected_nested_pairs")
+    nested_note = "" if nested is None else f" and {nested:.1f} nested"
+    return (f" Pre-training drew an expected {pairs['expected_pairs']:.1f} split trigger/object "
+            f"positive pairs{nested_note} in all (the section above).")
 
 
 def method_label(simclr: dict[str, Any]) -> str:
@@ -217,21 +219,32 @@ def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
         return []
     criteria = PairCriteria()
     table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
-              str(row["attack_pairs"]["triggered_poisons"]),
-              f"{100 * row['attack_pairs']['probability']:.3f}",
-              f"{row['attack_pairs']['expected_pairs']:.1f}",
-              f"{PAPER_POISON_EPOCHS * row['attack_pairs']['probability']:.0f}"]
+              str(row["attack_pairs"]["triggered_poisons"]), *_pair_cells(row["attack_pairs"])]
              for row in counted]
     return ["## Trigger/object pairs (why ASR is what it is)",
-            "CorruptEncoder plants its backdoor only through positive pairs whose one view "
-            f"holds the trigger (≥ {criteria.trigger_in:.0%} of it) without the object and "
-            f"the other holds the object (≥ {criteria.object_in:.0%}) without the trigger "
-            f"(≤ {criteria.other_out:.0%} of the other box each). Sampled "
-            "from this run's crop policy and the poisons' boxes: the chance per poison and "
-            "epoch, and the expected pairs over the whole run; the last column applies the "
-            "same chance to the paper's 650 poisons × 200 epochs.",
-            markdown_table(["method", "crop", "triggered poisons", "chance per epoch (%)",
-                            "expected pairs (this run)", "at the paper's scale"], table)]
+            "The paper's analysis: CorruptEncoder plants its backdoor through split pairs, "
+            f"whose one view holds the trigger (≥ {criteria.trigger_in:.0%} of it) without "
+            f"the object and the other holds the object (≥ {criteria.object_in:.0%}) without "
+            f"the trigger (≤ {criteria.other_out:.0%} of the other box each). Nested pairs "
+            "pair the same trigger-only view with a view holding the object and the trigger "
+            "both; localized cropping still draws them. Sampled from this run's crop policy "
+            "and the poisons' boxes: the chance per poison and epoch, the expected pairs over "
+            "the whole run, and the same chance applied to the paper's 650 poisons × 200 "
+            "epochs.",
+            markdown_table(["method", "crop", "triggered poisons", "split: chance per epoch (%)",
+                            "split: expected (this run)", "split: at the paper's scale",
+                            "nested: chance per epoch (%)", "nested: expected (this run)"],
+                           table)]
+
+
+def _pair_cells(pairs: dict[str, float]) -> list[str]:
+    """Split-pair chance, expected count and paper-scale count; the nested-pair chance and
+    count ("–" in results written before nested pairs were counted)."""
+    nested = pairs.get("nested_probability")
+    return [f"{100 * pairs['probability']:.3f}", f"{pairs['expected_pairs']:.1f}",
+            f"{PAPER_POISON_EPOCHS * pairs['probability']:.0f}",
+            "–" if nested is None else f"{100 * nested:.3f}",
+            "–" if nested is None else f"{pairs['expected_nested_pairs']:.1f}"]
 
 
 
