@@ -141,13 +141,15 @@ def materialize(dataset: ImageDataset, batch_size: int = 512,
 
 @dataclass(frozen=True)
 class DatasetRequest:
-    """Everything a builder needs; `arg` is the part after ':' in `kind:ARG` names."""
+    """Everything a builder needs; `arg` is the part after ':' in `kind:ARG` names, and
+    `limit` the number of images asked for (builders may ignore it; it is applied after)."""
 
     split: Split
     image_size: int | None
     root: Path
     download: bool
     arg: str | None = None
+    limit: int | None = None
 
 
 Builder = Callable[[DatasetRequest], ImageDataset]
@@ -176,7 +178,12 @@ def register_dataset(name: str, *, splits: tuple[Split, ...] = ("train", "test")
 
 def _ensure_sources_registered() -> None:
     # The modules register on import; imported lazily so `datasets` has no heavy imports.
-    from sslbackdoor.data import folder_sources, offline, torchvision_sources  # noqa: F401
+    from sslbackdoor.data import (  # noqa: F401
+        folder_sources,
+        offline,
+        plain_sources,
+        torchvision_sources,
+    )
 
 
 def dataset_names() -> list[str]:
@@ -211,7 +218,7 @@ def load_dataset(name: str, split: Split = "train", *, image_size: int | None = 
         raise UserInputError(f"image_size {image_size} is too small; use at least 8")
     size = image_size if image_size is not None else entry.native_size
     request = DatasetRequest(split, size, Path(root) if root else data_dir(), download,
-                             arg or None)
+                             arg or None, limit)
     dataset = entry.builder(request)
     if limit is not None and limit < len(dataset):
         dataset = stratified_subset(dataset, limit, seed)
