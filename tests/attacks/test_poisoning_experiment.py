@@ -79,9 +79,15 @@ def test_shipped_config_validates_at_both_scales(scale: str) -> None:
         assert config.poison_ratio <= 0.01 and config.trigger_size == 8
         fashion, crops = config.pretrain_data
         assert fashion.classes is not None and target not in fashion.classes
-        # Backgrounds come from other source photos than the pre-training crops.
-        assert crops.classes and config.backgrounds.classes
-        assert not set(crops.classes) & set(config.backgrounds.classes)
+        assert crops.dataset == "natural-crops"
+        # Poisons sit on black, as Fashion-MNIST's objects do; enough for every poison.
+        assert config.backgrounds.dataset == "plain:black"
+        assert config.backgrounds.limit and config.backgrounds.limit >= 50
+        # PoisonedEncoder's random images are photos none of which is in pre-training.
+        randoms = config.random_images
+        assert randoms is not None and randoms.dataset == "natural-crops"
+        assert crops.classes and randoms.classes
+        assert not set(crops.classes) & set(randoms.classes)
     else:
         assert config.simclr.method == "moco-v2" and config.simclr.optimizer == "sgd"
         assert config.simclr.schedule == "cosine" and config.image_size == 224
@@ -112,6 +118,8 @@ def test_tiny_run_trains_every_method_and_crop_and_reports(
              if "attack_pairs" in r}
     assert pairs["corruptencoder", False]["triggered_poisons"] == results["poison_count"]
     assert pairs["corruptencoder+", False]["triggered_poisons"] < results["poison_count"]
+    localized = pairs["corruptencoder", True]  # the defense removes split pairs, not nested
+    assert localized["nested_probability"] > localized["probability"]
     assert {r["trigger"] for r in rows if r["method"] == "ctrl"} == {"ctrl"}
     assert {r["trigger"] for r in rows if r["method"] != "ctrl"} == {"patch"}
     for row in rows:  # the 3 px trigger enlarged 2× and 3×, for every patch-trigger row
@@ -146,6 +154,25 @@ def test_ctrl_rows_are_attacked_with_the_trigger_of_the_ctrl_poisons(
         poison = read_rgb(out / "poisons" / "ctrl" / "images" / record["file"])
         tested = ctrl_test_images(source[None], pe.baseline_settings(config, "ctrl", 1))
         assert torch.equal(tested[0].permute(1, 2, 0), torch.tensor(poison))
+
+
+def test_poisonedencoder_pairs_random_images_and_corruptencoder_uses_the_backgrounds(
+        tmp_path: Path) -> None:
+    from sslbackdoor.attacks.corruptencoder import read_rgb
+
+    config = PoisoningExperimentConfig.model_validate(tiny(
+        methods=["corruptencoder", "poisonedencoder"],
+        backgrounds={"dataset": "plain:black", "split": "unlabeled", "limit": 4},
+        random_images={"dataset": "plain:white", "split": "unlabeled", "limit": 5}))
+    loaded = pe.load_inputs(config)
+    assert loaded.random_images.shape[0] == 5 and int(loaded.random_images.min()) == 255
+    pe.prepare_poisons(config, loaded, 6, tmp_path)
+    for method, folder, value in (("poisonedencoder", "random-images", 255),
+                                  ("corruptencoder", "backgrounds", 0)):
+        manifest = json.loads((tmp_path / "poisons" / method / "manifest.json").read_text())
+        used = {Path(record["background"]) for record in manifest["poisons"]}
+        assert {path.parent.name for path in used} == {folder}
+        assert all(int(read_rgb(path).min()) == value for path in used)
 
 
 def test_rerun_reuses_finished_encoders_and_resume_continues_an_unfinished_one(

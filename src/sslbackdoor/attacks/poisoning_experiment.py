@@ -132,6 +132,9 @@ class PoisoningExperimentConfig(Strict):
                           "authors' masked ImageNet references); replaces `references`")
     supports: ClassImages
     backgrounds: DataSource
+    random_images: DataSource | None = Field(
+        None, description="the random images PoisonedEncoder triggers and pairs with a "
+                          "reference (default: the backgrounds); loaded at background_size")
     background_size: int = Field(96, ge=8)
     trigger_size: int = Field(8, ge=1)
     trigger_pattern: Literal["random", "white", "checkerboard"] = "random"
@@ -212,11 +215,13 @@ def write_images(folder: Path, images: torch.Tensor) -> list[Path]:
 @dataclass
 class Inputs:
     """The attacker's images, loaded before anything is written: reference objects (with
-    their masks), target-class supports and backgrounds (uint8 [N,3,H,W])."""
+    their masks), target-class supports, backgrounds and PoisonedEncoder's random images
+    (uint8 [N,3,H,W]; the backgrounds themselves unless configured apart)."""
 
     references: list[ReferenceObject]
     supports: torch.Tensor
     backgrounds: torch.Tensor
+    random_images: torch.Tensor
 
 
 def load_inputs(config: PoisoningExperimentConfig) -> Inputs:
@@ -229,8 +234,12 @@ def load_inputs(config: PoisoningExperimentConfig) -> Inputs:
                       for index, array in enumerate(images.permute(0, 2, 3, 1).numpy())]
     backgrounds, _ = load_sources([config.backgrounds], config.background_size,
                                   data_root=config.data_root, seed=config.seed)
+    random_images = backgrounds
+    if config.random_images is not None:
+        random_images, _ = load_sources([config.random_images], config.background_size,
+                                        data_root=config.data_root, seed=config.seed)
     return Inputs(references, class_images(config.supports, config.image_size,
-                                           config.data_root), backgrounds)
+                                           config.data_root), backgrounds, random_images)
 
 
 def write_inputs(inputs: Inputs, out_dir: Path) -> dict[str, list[Path]]:
@@ -245,9 +254,12 @@ def write_inputs(inputs: Inputs, out_dir: Path) -> dict[str, list[Path]]:
         save_png(folder / "references" / f"{stem}_mask.png", obj.mask.astype(np.uint8) * 255)
         save_png(folder / "references" / f"{stem}.png", obj.image)
         references.append(folder / "references" / f"{stem}.png")
+    backgrounds = write_images(folder / "backgrounds", inputs.backgrounds)
     return {"references": references,
             "supports": write_images(folder / "supports", inputs.supports),
-            "backgrounds": write_images(folder / "backgrounds", inputs.backgrounds)}
+            "backgrounds": backgrounds,
+            "random-images": backgrounds if inputs.random_images is inputs.backgrounds
+            else write_images(folder / "random-images", inputs.random_images)}
 
 
 def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
@@ -270,7 +282,7 @@ def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
     else:
         generate_baseline(baseline_settings(config, method, count), folder,
                           target_images=inputs["supports"], trigger=trigger,
-                          references=inputs["references"], backgrounds=inputs["backgrounds"])
+                          references=inputs["references"], backgrounds=inputs["random-images"])
     return folder / "images"
 
 
@@ -511,7 +523,8 @@ def dry_run(config: PoisoningExperimentConfig) -> list[str]:
     count = poison_count(config, clean.shape[0])
     lines = [f"inputs: {clean.shape[0]} clean images, {count} poisons per method, "
              f"{len(inputs.references)} references, {inputs.supports.shape[0]} supports, "
-             f"{inputs.backgrounds.shape[0]} backgrounds; downstream "
+             f"{inputs.backgrounds.shape[0]} backgrounds, {inputs.random_images.shape[0]} "
+             "random images; downstream "
              f"{data['train_labels'].numel()} train / {data['test_labels'].numel()} test"]
     lines += [f"pretrain {run_name(method, localized)}: {method_label(config.simclr.model_dump())} "
               f"{config.simclr.arch}, {config.simclr.epochs} epochs"
