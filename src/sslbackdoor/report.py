@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,21 @@ def paper_section(results: dict[str, Any]) -> list[str]:
             f"not the digits.", paper_table(BADENCODER_IMAGENET)]
 
 
-def render_report(results: dict[str, Any]) -> str:
-    if results.get("kind") == "grid":  # the paper's tables and sweeps (sslbackdoor.grid)
-        from sslbackdoor.grid_report import render_grid_report
+# Experiment kinds with a report of their own: module and function, imported when needed.
+KIND_RENDERERS: dict[str, tuple[str, str]] = {
+    "grid": ("sslbackdoor.grid_report", "render_grid_report"),
+    "corruptencoder": ("sslbackdoor.attacks.poisoning_report", "render_poisoning_report"),
+    "defenses": ("sslbackdoor.defenses.experiment", "render_defenses_report"),
+}
 
-        return render_grid_report(results)
+
+def render_report(results: dict[str, Any]) -> str:
+    """report.md of any experiment's results.json (BadEncoder's unless its kind has its own)."""
+    renderer = KIND_RENDERERS.get(str(results.get("kind")))
+    if renderer is not None:
+        module, function = renderer
+        rendered: str = getattr(importlib.import_module(module), function)(results)
+        return rendered
     rows = [[t["task"], "–" if t["target_class"] is None else f"{t['target_class']} ({t['target_name']})",
              str(t["test_size"]), percent(t["ca"]), percent(t["ba"]), percent(t["asr_b"]),
              percent(t["asr"]), percent(t["asr_all"])] for t in results["tasks"]]
