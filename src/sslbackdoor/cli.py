@@ -264,21 +264,34 @@ def evaluate(
 
 
 @app.command()
-def report(folders: Annotated[list[Path], typer.Argument(help="run folders with results.json")]) -> None:
+def report(folders: Annotated[list[Path], typer.Argument(help="run folders with results.json")],
+           across_seeds: Annotated[Path | None, typer.Option(
+               help="also write this markdown file: the folders' corruptencoder rows side by "
+                    "side, one column per seed, and their mean")] = None) -> None:
     """Re-render report.md from each folder's results.json."""
+    from sslbackdoor.attacks.seed_summary import seed_table
     from sslbackdoor.engine import atomic_write_text
     from sslbackdoor.report import render_report
 
-    for folder in folders:
-        path = folder / "results.json"
-        if not path.is_file():
-            raise UserInputError(f"no results.json in {folder}")
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path} is not valid JSON ({exc})") from None
+    runs = [_read_results(folder) for folder in folders]
+    table = None if across_seeds is None else seed_table(runs)  # refuses before writing
+    for folder, results in zip(folders, runs, strict=True):
         atomic_write_text(folder / "report.md", render_report(results))
         typer.echo(f"wrote {folder / 'report.md'}")
+    if across_seeds is not None and table is not None:
+        atomic_write_text(across_seeds, f"# {runs[0]['name']}: ASR across seeds\n\n{table}\n")
+        typer.echo(f"wrote {across_seeds}")
+
+
+def _read_results(folder: Path) -> dict[str, Any]:
+    path = folder / "results.json"
+    if not path.is_file():
+        raise UserInputError(f"no results.json in {folder}")
+    try:
+        results: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path} is not valid JSON ({exc})") from None
+    return results
 
 
 @data_app.command("prepare")

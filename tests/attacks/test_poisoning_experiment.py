@@ -270,3 +270,41 @@ def test_cli_run_prints_ca_and_asr_per_method(
     printed = capsys.readouterr().out
     row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
     assert f"{100 * row['ca']:.2f}" in printed and "standard" in printed
+
+
+def test_cli_report_across_seeds_lines_up_the_seeds_rows(
+        tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from sslbackdoor.cli import main
+
+    _, results = tiny_run
+    folders = [tmp_path / "seed0", tmp_path / "seed1"]
+    for seed, folder in enumerate(folders):
+        folder.mkdir()
+        copy_ = copy.deepcopy(results) | {"seed": seed}
+        copy_["config"]["seed"] = seed
+        (folder / "results.json").write_text(json.dumps(copy_))
+    main(["report", *map(str, folders), "--across-seeds", str(tmp_path / "seeds.md")])
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| method | crop | seed 0 | seed 1 | mean |" in table
+    assert table.count("(n=2)") == 12
+    assert all((folder / "report.md").is_file() for folder in folders)
+
+
+def test_cli_report_across_seeds_refuses_another_config_and_writes_nothing(
+        tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from sslbackdoor.cli import main
+
+    _, results = tiny_run
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for seed, folder in enumerate(folders):
+        folder.mkdir()
+        changed = copy.deepcopy(results) | {"seed": seed}
+        changed["config"] |= {"seed": seed, "trigger_size": 3 + seed}
+        (folder / "results.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *map(str, folders), "--across-seeds", str(tmp_path / "seeds.md")])
+    assert exit_info.value.code == 2
+    assert "differs from seed 0 in trigger_size" in capsys.readouterr().err
+    assert not (tmp_path / "seeds.md").exists()
+    assert not any((folder / "report.md").exists() for folder in folders)
