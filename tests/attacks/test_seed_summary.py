@@ -35,6 +35,10 @@ def test_rows_line_up_by_method_and_crop_with_a_mean_over_the_seeds_that_ran_the
                         "1.00 / 2.00 / 76.00 (n=1) |")
     assert lines[6] == ("| PoisonedEncoder | standard | 2.00 / 80.00 / 100.00 | "
                         "1.00 / 1.00 / 10.00 | 1.50 / 40.50 / 55.00 (n=2) |")
+    # Ranked: standard-crop rows of every seed (the localized row ran at seed 0 only).
+    assert lines[-3:] == ["- 8 px: PoisonedEncoder 1.50 > CorruptEncoder 0.50",
+                          "- 16 px: PoisonedEncoder 40.50 > CorruptEncoder 30.00",
+                          "- 24 px: CorruptEncoder 92.00 > PoisonedEncoder 55.00"]
 
 
 def test_results_of_another_config_are_refused_naming_the_difference() -> None:

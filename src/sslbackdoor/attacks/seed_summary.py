@@ -54,29 +54,40 @@ def _asr_by_size(row: dict[str, Any], trigger_size: int) -> dict[int, float]:
 
 def seed_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: one row per (method, crop), one column per seed and a mean column, each
-    cell the ASR at every trigger size ("8 / 16 / 24" px); "–" where a seed lacks the row."""
+    cell the ASR at every trigger size ("8 / 16 / 24" px), "–" where a seed lacks the row;
+    then the standard-crop rows every seed ran, ranked by mean ASR at each size."""
     check_same_experiment(runs)
     runs = sorted(runs, key=lambda results: results["seed"])
     trigger_size = int(runs[0]["config"]["trigger_size"])
     keys = sorted({(r["method"], bool(r["localized_crop"])) for res in runs for r in res["rows"]},
                   key=lambda key: (list(METHOD_NAMES).index(key[0]), key[1]))
-    sizes = sorted({px for res in runs for r in res["rows"]
-                    for px in _asr_by_size(r, trigger_size)})
-    table = []
-    for method, localized in keys:
-        per_seed = [next((_asr_by_size(r, trigger_size) for r in res["rows"]
-                          if (r["method"], bool(r["localized_crop"])) == (method, localized)),
-                         None) for res in runs]
-        present = [asr for asr in per_seed if asr is not None]
-        mean = {px: sum(values) / len(values) for px in sizes
-                if (values := [asr[px] for asr in present if px in asr])}
-        table.append([METHOD_NAMES[method], "localized" if localized else "standard",
-                      *(_cell(asr, sizes) for asr in per_seed),
-                      f"{_cell(mean, sizes)} (n={len(present)})"])
+    per_seed = {key: [next((_asr_by_size(r, trigger_size) for r in res["rows"]
+                            if (r["method"], bool(r["localized_crop"])) == key), None)
+                      for res in runs] for key in keys}
+    sizes = sorted({px for rows in per_seed.values() for asr in rows if asr for px in asr})
+    means = {key: _mean([asr for asr in rows if asr is not None], sizes)
+             for key, rows in per_seed.items()}
+    table = [[METHOD_NAMES[method], "localized" if localized else "standard",
+              *(_cell(asr, sizes) for asr in per_seed[method, localized]),
+              f"{_cell(means[method, localized], sizes)} "
+              f"(n={sum(asr is not None for asr in per_seed[method, localized])})"]
+             for method, localized in keys]
     header = ["method", "crop", *(f"seed {res['seed']}" for res in runs), "mean"]
+    everywhere = [key for key in keys if not key[1] and None not in per_seed[key]]
+    ranking = [f"- {px} px: " + " > ".join(
+        f"{METHOD_NAMES[key[0]]} {means[key][px]:.2f}"
+        for key in sorted(everywhere, key=lambda key: -means[key].get(px, -1.0))
+        if px in means[key]) for px in sizes]
     return (f"ASR (%) at trigger sizes {' / '.join(f'{px}' for px in sizes)} px, "
             "per seed and averaged over the seeds that ran the row.\n\n"
-            + markdown_table(header, table))
+            + markdown_table(header, table)
+            + "\n\nStandard-crop rows that every seed ran, by mean ASR:\n\n"
+            + "\n".join(ranking))
+
+
+def _mean(rows: list[dict[int, float]], sizes: list[int]) -> dict[int, float]:
+    return {px: sum(values) / len(values) for px in sizes
+            if (values := [asr[px] for asr in rows if px in asr])}
 
 
 def _cell(asr: dict[int, float] | None, sizes: list[int]) -> str:
