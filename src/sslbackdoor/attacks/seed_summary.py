@@ -52,37 +52,51 @@ def _asr_by_size(row: dict[str, Any], trigger_size: int) -> dict[int, float]:
     return sizes
 
 
+Key = tuple[str, bool]  # (method, localized crop)
+PerSeed = dict[Key, list[dict[int, float] | None]]  # ASR by trigger size, per seed
+
+
 def seed_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: one row per (method, crop), one column per seed and a mean column, each
     cell the ASR at every trigger size ("8 / 16 / 24" px), "–" where a seed lacks the row;
     then the standard-crop rows every seed ran, ranked by mean ASR at each size."""
     check_same_experiment(runs)
     runs = sorted(runs, key=lambda results: results["seed"])
-    trigger_size = int(runs[0]["config"]["trigger_size"])
-    keys = sorted({(r["method"], bool(r["localized_crop"])) for res in runs for r in res["rows"]},
-                  key=lambda key: (list(METHOD_NAMES).index(key[0]), key[1]))
-    per_seed = {key: [next((_asr_by_size(r, trigger_size) for r in res["rows"]
-                            if (r["method"], bool(r["localized_crop"])) == key), None)
-                      for res in runs] for key in keys}
+    per_seed = _asr_per_seed(runs)
     sizes = sorted({px for rows in per_seed.values() for asr in rows if asr for px in asr})
     means = {key: _mean([asr for asr in rows if asr is not None], sizes)
              for key, rows in per_seed.items()}
     table = [[METHOD_NAMES[method], "localized" if localized else "standard",
-              *(_cell(asr, sizes) for asr in per_seed[method, localized]),
+              *(_cell(asr, sizes) for asr in rows),
               f"{_cell(means[method, localized], sizes)} "
-              f"(n={sum(asr is not None for asr in per_seed[method, localized])})"]
-             for method, localized in keys]
+              f"(n={sum(asr is not None for asr in rows)})"]
+             for (method, localized), rows in per_seed.items()]
     header = ["method", "crop", *(f"seed {res['seed']}" for res in runs), "mean"]
-    everywhere = [key for key in keys if not key[1] and None not in per_seed[key]]
-    ranking = [f"- {px} px: " + " > ".join(
-        f"{METHOD_NAMES[key[0]]} {means[key][px]:.2f}"
-        for key in sorted(everywhere, key=lambda key: -means[key].get(px, -1.0))
-        if px in means[key]) for px in sizes]
     return (f"ASR (%) at trigger sizes {' / '.join(f'{px}' for px in sizes)} px, "
             "per seed and averaged over the seeds that ran the row.\n\n"
             + markdown_table(header, table)
             + "\n\nStandard-crop rows that every seed ran, by mean ASR:\n\n"
-            + "\n".join(ranking))
+            + "\n".join(_ranking(per_seed, means, sizes)))
+
+
+def _asr_per_seed(runs: list[dict[str, Any]]) -> PerSeed:
+    """Every (method, crop) of any seed, in the report's method order, with its ASR by
+    trigger size in each seed (None where that seed did not run it)."""
+    trigger_size = int(runs[0]["config"]["trigger_size"])
+    keys = sorted({(r["method"], bool(r["localized_crop"])) for res in runs for r in res["rows"]},
+                  key=lambda key: (list(METHOD_NAMES).index(key[0]), key[1]))
+    return {key: [next((_asr_by_size(r, trigger_size) for r in res["rows"]
+                        if (r["method"], bool(r["localized_crop"])) == key), None)
+                  for res in runs] for key in keys}
+
+
+def _ranking(per_seed: PerSeed, means: dict[Key, dict[int, float]],
+             sizes: list[int]) -> list[str]:
+    everywhere = [key for key, rows in per_seed.items() if not key[1] and None not in rows]
+    return [f"- {px} px: " + " > ".join(
+        f"{METHOD_NAMES[key[0]]} {means[key][px]:.2f}"
+        for key in sorted(everywhere, key=lambda key: -means[key].get(px, -1.0))
+        if px in means[key]) for px in sizes]
 
 
 def _mean(rows: list[dict[int, float]], sizes: list[int]) -> dict[int, float]:
