@@ -33,6 +33,8 @@ from sslbackdoor.ssl.simclr import AugmentConfig, SimCLRViews
 _PAIRS_PER_CHUNK = 1 << 19  # view pairs sampled at once: bounds memory for many poisons
 
 PairKind = Literal["split", "nested"]
+# How each kind's counts are named in `expected_attack_pairs` (split: the paper's names).
+PAIR_PREFIXES: dict[PairKind, str] = {"split": "", "nested": "nested_"}
 
 
 @dataclass(frozen=True)
@@ -75,33 +77,44 @@ def attack_pair_probability(poisons: PoisonBoxes, image_size: int, augment: Augm
                             kind: PairKind = "split") -> torch.Tensor:
     """Per-poison probability [P] that its two views form an attack pair of `kind` (either
     order), from `samples` view pairs per poison."""
+    return attack_pair_probabilities(poisons, image_size, augment, samples, seed, criteria)[kind]
+
+
+def attack_pair_probabilities(poisons: PoisonBoxes, image_size: int, augment: AugmentConfig,
+                              samples: int = 4096, seed: int = 0,
+                              criteria: PairCriteria = PairCriteria()
+                              ) -> dict[PairKind, torch.Tensor]:
+    """`attack_pair_probability` of both kinds, from one draw of view pairs."""
     generator = torch.Generator().manual_seed(seed)
     views = SimCLRViews(image_size, augment)
     chunk = max(1, _PAIRS_PER_CHUNK // samples)
-    return torch.cat([_chunk_probability(poisons.objects[start:start + chunk],
-                                         poisons.triggers[start:start + chunk], views,
-                                         samples, generator, criteria, kind)
-                      for start in range(0, poisons.objects.shape[0], chunk)])
+    chunks = [_chunk_probabilities(poisons.objects[start:start + chunk],
+                                   poisons.triggers[start:start + chunk], views, samples,
+                                   generator, criteria)
+              for start in range(0, poisons.objects.shape[0], chunk)]
+    return {kind: torch.cat([probabilities[kind] for probabilities in chunks])
+            for kind in PAIR_PREFIXES}
 
 
-def _chunk_probability(objects: torch.Tensor, triggers: torch.Tensor, views: SimCLRViews,
-                       samples: int, generator: torch.Generator, criteria: PairCriteria,
-                       kind: PairKind) -> torch.Tensor:
+def _chunk_probabilities(objects: torch.Tensor, triggers: torch.Tensor, views: SimCLRViews,
+                         samples: int, generator: torch.Generator,
+                         criteria: PairCriteria) -> dict[PairKind, torch.Tensor]:
     count, size = objects.shape[0], views.image_size
     boxes = views.sample_pairs(count * samples, size, size, generator).boxes
     first = boxes[: count * samples].reshape(count, samples, 4)
     second = boxes[count * samples:].reshape(count, samples, 4)
 
-    def one_way(trigger_view: torch.Tensor, object_view: torch.Tensor) -> torch.Tensor:
+    def one_way(trigger_view: torch.Tensor, object_view: torch.Tensor
+                ) -> dict[PairKind, torch.Tensor]:
         trigger_alone = ((coverage(triggers, trigger_view) >= criteria.trigger_in)
-                         & (coverage(objects, trigger_view) <= criteria.other_out))
+                         & (coverage(objects, trigger_view) <= criteria.other_out)
+                         & (coverage(objects, object_view) >= criteria.object_in))
         trigger_in_object_view = coverage(triggers, object_view)
-        trigger_rule = (trigger_in_object_view <= criteria.other_out if kind == "split"
-                        else trigger_in_object_view >= criteria.trigger_in)
-        return (trigger_alone & trigger_rule
-                & (coverage(objects, object_view) >= criteria.object_in))
+        return {"split": trigger_alone & (trigger_in_object_view <= criteria.other_out),
+                "nested": trigger_alone & (trigger_in_object_view >= criteria.trigger_in)}
 
-    return (one_way(first, second) | one_way(second, first)).float().mean(dim=1)
+    forward, backward = one_way(first, second), one_way(second, first)
+    return {kind: (forward[kind] | backward[kind]).float().mean(dim=1) for kind in forward}
 
 
 def manifest_boxes(poison_folder: Path, image_size: int) -> PoisonBoxes:
@@ -134,10 +147,9 @@ def expected_attack_pairs(poison_folder: Path, image_size: int, augment: Augment
     probability and the expected number over `epochs` (one pair per poison per epoch)."""
     boxes = manifest_boxes(poison_folder, image_size)
     counts: dict[str, float] = {"triggered_poisons": int(boxes.objects.shape[0])}
-    kinds: tuple[tuple[PairKind, str], ...] = (("split", ""), ("nested", "nested_"))
-    for kind, prefix in kinds:
-        probability = (attack_pair_probability(boxes, image_size, augment, seed=seed, kind=kind)
-                       if boxes.objects.shape[0] else torch.zeros(1))
-        counts[f"{prefix}probability"] = round(float(probability.mean()), 6)
-        counts[f"expected_{prefix}pairs"] = round(float(probability.sum()) * epochs, 1)
+    probabilities = (attack_pair_probabilities(boxes, image_size, augment, seed=seed)
+                     if boxes.objects.shape[0] else dict.fromkeys(PAIR_PREFIXES, torch.zeros(1)))
+    for kind, prefix in PAIR_PREFIXES.items():
+        counts[f"{prefix}probability"] = round(float(probabilities[kind].mean()), 6)
+        counts[f"expected_{prefix}pairs"] = round(float(probabilities[kind].sum()) * epochs, 1)
     return counts

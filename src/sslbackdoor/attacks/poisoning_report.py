@@ -21,7 +21,8 @@ PAPER_CA_ASR: dict[str, tuple[float, float]] = {
     "poisonedencoder": (61.1, 35.5), "ssl-backdoor": (61.3, 14.3)}
 PAPER_POISON_EPOCHS = 650 * 200  # ImageNet100-A poisons × MoCo-v2 epochs in the paper
 
-def _row(rows: list[dict[str, Any]], method: str, localized: bool) -> dict[str, Any] | None:
+def find_row(rows: list[dict[str, Any]], method: str, localized: bool) -> dict[str, Any] | None:
+    """The row of `method` with or without localized cropping, None if it was not run."""
     return next((r for r in rows if r["method"] == method
                  and bool(r["localized_crop"]) == localized), None)
 
@@ -36,8 +37,8 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
     `method` and `localized_crop`), one Markdown bullet each; claims whose methods are
     missing from the rows are skipped."""
     lines: list[str] = []
-    attack, clean = _row(rows, "corruptencoder", False), _row(rows, "clean", False)
-    baselines = [row for method in BASELINES if (row := _row(rows, method, False))]
+    attack, clean = find_row(rows, "corruptencoder", False), find_row(rows, "clean", False)
+    baselines = [row for method in BASELINES if (row := find_row(rows, method, False))]
     if attack is not None and baselines:
         best = max(baselines, key=lambda r: float(r["asr"]))
         asr, base = _points(attack["asr"]), _points(best["asr"])
@@ -60,8 +61,8 @@ def poisoning_findings(rows: list[dict[str, Any]]) -> list[str]:
     within("CorruptEncoder's CA is within 1 point of the clean encoder's", "ca", 1,
            attack, clean, "; paper: 61.6 vs 61.2")
     within("with localized cropping CorruptEncoder's ASR is within 5 points of the clean "
-           "encoder's (the defense works)", "asr", 5, _row(rows, "corruptencoder", True),
-           _row(rows, "clean", True))
+           "encoder's (the defense works)", "asr", 5, find_row(rows, "corruptencoder", True),
+           find_row(rows, "clean", True))
     lines += _defense_claim(rows)
     if attack is not None and clean is not None:
         asr, clean_asr = _points(attack["asr"]), _points(clean["asr"])
@@ -116,7 +117,7 @@ def _defense_claim(rows: list[dict[str, Any]]) -> list[str]:
     table show: every attacked row's excess over the clean encoder, with and without it."""
     worst: dict[bool, tuple[float, str, str]] = {}
     for localized in (False, True):
-        clean = _row(rows, "clean", localized)
+        clean = find_row(rows, "clean", localized)
         attacked = [row for row in rows if row["method"] != "clean"
                     and bool(row["localized_crop"]) == localized]
         excesses = [(*excess, METHOD_NAMES[row["method"]]) for row in attacked
@@ -168,7 +169,7 @@ def render_poisoning_report(results: dict[str, Any]) -> str:
     for method in config["methods"]:
         cells = [method]
         for localized in config["localized_crop"]:
-            row = _row(results["rows"], method, localized)
+            row = find_row(results["rows"], method, localized)
             cells += ["–", "–"] if row is None else [percent(row["ca"]), percent(row["asr"])]
         paper = PAPER_CA_ASR.get(method)
         cells += [f"{paper[0]:.1f}", f"{paper[1]:.1f}"] if paper else ["–", "–"]
@@ -250,7 +251,7 @@ def _pair_cells(pairs: dict[str, float]) -> list[str]:
 
 
 def _ctrl_note(rows: list[dict[str, Any]]) -> str:
-    clean = _row(rows, "clean", False)
+    clean = find_row(rows, "clean", False)
     if not any(row["method"] == "ctrl" for row in rows):
         return ""
     level = ("" if clean is None or "asr_ctrl" not in clean else

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslbackdoor.attacks.poisoning_report import METHOD_NAMES
+from sslbackdoor.attacks.poisoning_report import METHOD_NAMES, find_row
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.report import markdown_table
 
@@ -85,9 +85,8 @@ def _asr_per_seed(runs: list[dict[str, Any]]) -> PerSeed:
     trigger_size = int(runs[0]["config"]["trigger_size"])
     keys = sorted({(r["method"], bool(r["localized_crop"])) for res in runs for r in res["rows"]},
                   key=lambda key: (list(METHOD_NAMES).index(key[0]), key[1]))
-    return {key: [next((_asr_by_size(r, trigger_size) for r in res["rows"]
-                        if (r["method"], bool(r["localized_crop"])) == key), None)
-                  for res in runs] for key in keys}
+    return {key: [None if (row := find_row(res["rows"], *key)) is None
+                  else _asr_by_size(row, trigger_size) for res in runs] for key in keys}
 
 
 def _ranking(per_seed: PerSeed, means: dict[Key, dict[int, float]],
