@@ -12,11 +12,12 @@ import pytest
 import scipy.io
 import yaml
 
+from sslbackdoor import grid
 from sslbackdoor.cli import main, shipped_experiments
 from sslbackdoor.config import read_yaml, select_scale
 from sslbackdoor.errors import UserInputError
-from sslbackdoor.grid import GridConfig, dry_run, plan_cells, pretrain_folder
-from sslbackdoor.grid_report import findings_section
+from sslbackdoor.grid import GridConfig, dry_run, ensure_encoder, plan_cells, pretrain_folder
+from sslbackdoor.grid_report import encoders_section, findings_section
 from sslbackdoor.runners import validate_experiment
 from sslbackdoor.ssl import pretrain
 from tests.data.test_torchvision_sources import (  # noqa: F401  (skip_md5 is a fixture)
@@ -189,6 +190,42 @@ def test_small_grids_share_one_cached_encoder(tmp_path: Path) -> None:
         assert isinstance(config, GridConfig)
         folders |= {pretrain_folder(config, e) for e in config.encoders if e.pretrain}
     assert len(folders) == 1  # 30 minutes of pre-training, done once for every study
+
+
+def _ship(shipped: Path, folder: Path) -> None:
+    """A shipped encoder under `folder`'s hash, as the package would hold it."""
+    (shipped / folder.name).mkdir(parents=True)
+    (shipped / folder.name / "encoder.safetensors").write_bytes(b"weights")
+    (shipped / folder.name / "results.json").write_text(json.dumps({
+        "final": {"knn_accuracy": 0.8, "linear_probe_accuracy": 0.9}, "train_seconds": 600.0,
+        "environment": {"device": "cpu", "threads": 2, "bf16": False}}))
+
+
+def test_a_shipped_encoder_seeds_the_cache_unless_switched_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = GridConfig.model_validate(tiny_grid(tmp_path / "cache"))
+    [encoder] = config.encoders
+    folder = pretrain_folder(config, encoder)
+    _ship(tmp_path / "shipped", folder)
+    monkeypatch.setattr(grid, "SHIPPED_ENCODERS", tmp_path / "shipped")
+
+    def pretrained_here(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise RuntimeError("pre-trained here")
+
+    monkeypatch.setattr(pretrain, "run_pretrain", pretrained_here)
+    off = config.model_copy(update={"shipped_encoders": False})
+    with pytest.raises(RuntimeError, match="pre-trained here"):
+        ensure_encoder(off, encoder)
+    assert not folder.exists()
+
+    assert dry_run(config)[0].endswith("(shipped with the package: copied, not pre-trained)")
+    summary = ensure_encoder(config, encoder)
+    assert summary["shipped"] and (folder / "encoder.safetensors").read_bytes() == b"weights"
+    assert summary["final"]["linear_probe_accuracy"] == 0.9
+    section = "\n".join(encoders_section({"encoders": [summary]}))
+    assert "10.0 on cpu, 2 threads, fp32 (*shipped*)" in section
+    assert "shipped_encoders=false" in section
+    assert not ensure_encoder(config, encoder)["shipped"]  # now simply cached
 
 
 def test_dry_run_resolves_every_input_and_writes_nothing(

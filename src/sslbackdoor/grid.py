@@ -15,14 +15,18 @@ encoder) and targets, and a `study` that says how they combine into BadEncoder r
 
 Pre-trained encoders are cached by the hash of what determines their weights, in
 `CACHE/encoders/<hash>/` (CACHE: `cache_dir`, else $SSLBACKDOOR_CACHE, else runs/cache),
-and reused by every grid that asks for the same pre-training. Every stage's config is
-built and validated before anything runs; `dry_run` also resolves every dataset.
+and reused by every grid that asks for the same pre-training. An encoder shipped with the
+package under the same hash (`sslbackdoor/pretrained/<hash>/`, the small grids' SimCLR
+encoder) seeds the cache instead of pre-training, unless `shipped_encoders: false`. Every
+stage's config is built and validated before anything runs; `dry_run` also resolves every
+dataset.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +45,7 @@ from sslbackdoor.config import (
     dump_config,
     format_validation_error,
 )
-from sslbackdoor.engine import atomic_write_text, resolve_device
+from sslbackdoor.engine import atomic_write, atomic_write_text, resolve_device
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.progress import log
 from sslbackdoor.runners import register_kind
@@ -110,6 +114,9 @@ class GridConfig(Strict):
     download: bool = False
     cache_dir: str | None = Field(None, description="encoder cache ($SSLBACKDOOR_CACHE, "
                                                     "else runs/cache)")
+    shipped_encoders: bool = Field(True, description="seed the cache from an encoder shipped "
+                                                     "with the package under the same hash; "
+                                                     "false pre-trains here")
     encoders: list[GridEncoder] = Field(..., min_length=1)
     targets: list[GridTarget] = Field(..., min_length=1)
     shadow_limit: int | None = Field(None, ge=1, description="images of the default shadow set")
@@ -145,8 +152,34 @@ class GridConfig(Strict):
                 if encoder.targets is None or t.task in encoder.targets]
 
 
+SHIPPED_ENCODERS = Path(__file__).parent / "pretrained"
+CACHE_FILES = ("encoder.safetensors", "results.json")  # results.json last: it marks "done"
+
+
 def cache_root(config: GridConfig) -> Path:
     return Path(config.cache_dir or os.environ.get("SSLBACKDOOR_CACHE", "runs/cache"))
+
+
+def is_cached(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CACHE_FILES)
+
+
+def seed_from_shipped(folder: Path) -> bool:
+    """Copy the shipped encoder of the same pre-training hash into the cache folder, if the
+    package has one; each file is renamed into place whole, `results.json` last."""
+    shipped = SHIPPED_ENCODERS / folder.name
+    if not is_cached(shipped):
+        return False
+    for name in CACHE_FILES:
+        atomic_copy(shipped / name, folder / name)
+    return True
+
+
+def atomic_copy(source: Path, destination: Path) -> None:
+    def write(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+
+    atomic_write(destination, write)
 
 
 def pretrain_config(grid: GridConfig, encoder: GridEncoder) -> PretrainConfig:
@@ -264,8 +297,9 @@ def dry_run(grid: GridConfig) -> list[str]:
                 _resolve(grid, source.dataset, source.split, source.root, source.limit)
             for split in ("train", "test"):
                 _resolve(grid, config.monitor_dataset(), split, config.monitor.root, None)
+            folder = pretrain_folder(grid, encoder)
             lines.append(f"pretrain {encoder.name}: {config.simclr.arch}, "
-                         f"{config.simclr.epochs} epochs → {pretrain_folder(grid, encoder)}")
+                         f"{config.simclr.epochs} epochs → {folder}{_cache_state(grid, folder)}")
     from sslbackdoor.experiment import check_inputs
 
     for cell in plan_cells(grid):
@@ -273,6 +307,14 @@ def dry_run(grid: GridConfig) -> list[str]:
         lines.append(f"attack {cell.id}: {len(cell.config.targets)} target(s), "
                      f"{cell.config.attack.epochs} epochs")
     return lines
+
+
+def _cache_state(grid: GridConfig, folder: Path) -> str:
+    if is_cached(folder):
+        return " (cached)"
+    if grid.shipped_encoders and is_cached(SHIPPED_ENCODERS / folder.name):
+        return " (shipped with the package: copied, not pre-trained)"
+    return ""
 
 
 def _resolve(grid: GridConfig, dataset: str, split: str, root: str | None,
@@ -295,21 +337,26 @@ def ensure_encoder(grid: GridConfig, encoder: GridEncoder) -> dict[str, Any]:
         return {**summary, "source": "given"}
     config = pretrain_config(grid, encoder)
     folder = pretrain_folder(grid, encoder)
-    results_path = folder / "results.json"
-    if results_path.is_file() and Path(str(spec.weights)).is_file():
+    shipped = (not is_cached(folder) and grid.shipped_encoders
+               and seed_from_shipped(folder))
+    if shipped:
+        log(f"encoder {encoder.name}: the package ships this pre-training (hash "
+            f"{folder.name}); copied into {folder} (shipped_encoders: false pre-trains here)")
+    if is_cached(folder):
         log(f"encoder {encoder.name}: cached in {folder}")
-        results = json.loads(results_path.read_text(encoding="utf-8"))
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     else:
         log(f"encoder {encoder.name}: pre-training {config.simclr.arch} into {folder}")
         results = run_pretrain(config, folder, resume=True)
         if not results:  # a torchrun process other than rank 0: it only helped to train
             return {**summary, "source": "simclr", "cache": str(folder)}
-    return {**summary, "source": "simclr", "cache": str(folder),
+    return {**summary, "source": "simclr", "cache": str(folder), "shipped": shipped,
             "hash": pretrain_hash(config), "sha256": sha256_file(Path(str(spec.weights))),
             "data": [f"{s.dataset}/{s.split}" + (f"@{s.limit}" if s.limit else "")
                      for s in config.data],
             "epochs": config.simclr.epochs, "final": results["final"],
-            "train_seconds": results["train_seconds"]}
+            "train_seconds": results["train_seconds"],
+            "pretrain_environment": results.get("environment")}
 
 
 def run_cell(cell: Cell, out_dir: Path, resume: bool) -> dict[str, Any]:

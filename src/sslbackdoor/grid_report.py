@@ -148,10 +148,26 @@ def encoders_section(results: dict[str, Any]) -> list[str]:
                      ", ".join(e.get("data", [])) or f"given: {e['weights']}",
                      str(e.get("epochs", "–")), percent(final.get("knn_accuracy")),
                      percent(final.get("linear_probe_accuracy")),
-                     f"{e['train_seconds'] / 60:.1f}" if "train_seconds" in e else "–"])
+                     _pretrain_minutes(e)])
     header = ["encoder", "paper analogue", "arch", "pre-training data", "epochs",
               "kNN acc", "linear probe acc", "minutes"]
-    return ["## Clean encoders", markdown_table(header, rows)]
+    section = ["## Clean encoders", markdown_table(header, rows)]
+    if any(e.get("shipped") for e in results["encoders"]):
+        section.append("*shipped*: this pre-training (same hash) ships with the package and "
+                       "was copied into the cache instead of pre-training here; its minutes "
+                       "are those of the machine it was trained on. `--set "
+                       "shipped_encoders=false` pre-trains here.")
+    return section
+
+
+def _pretrain_minutes(encoder: dict[str, Any]) -> str:
+    if "train_seconds" not in encoder:
+        return "–"
+    minutes = f"{encoder['train_seconds'] / 60:.1f}"
+    environment = encoder.get("pretrain_environment") or {}
+    where = (f" on {environment['device']}, {environment['threads']} threads, "
+             f"{'bf16' if environment['bf16'] else 'fp32'}" if environment else "")
+    return minutes + where + (" (*shipped*)" if encoder.get("shipped") else "")
 
 
 def scale_line(results: dict[str, Any]) -> str:
