@@ -18,6 +18,7 @@ from sslbackdoor.config import read_yaml, select_scale
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.grid import GridConfig, dry_run, ensure_encoder, plan_cells, pretrain_folder
 from sslbackdoor.grid_report import encoders_section, findings_section
+from sslbackdoor.models.checkpoints import load_encoder, sha256_file
 from sslbackdoor.runners import validate_experiment
 from sslbackdoor.ssl import pretrain
 from tests.data.test_torchvision_sources import (  # noqa: F401  (skip_md5 is a fixture)
@@ -190,6 +191,13 @@ def test_small_grids_share_one_cached_encoder(tmp_path: Path) -> None:
         assert isinstance(config, GridConfig)
         folders |= {pretrain_folder(config, e) for e in config.encoders if e.pretrain}
     assert len(folders) == 1  # 30 minutes of pre-training, done once for every study
+    [folder] = folders
+    shipped = grid.SHIPPED_ENCODERS / folder.name
+    assert grid.is_cached(shipped), "the small grids' encoder ships with the package"
+    record = json.loads((shipped / "results.json").read_text())
+    assert record["config_hash"] == folder.name and record["config"]["simclr"]["epochs"] == 45
+    assert sha256_file(shipped / "encoder.safetensors") == record["encoder"]["sha256"]
+    assert load_encoder(shipped / "encoder.safetensors", "convnet-small").feature_dim == 256
 
 
 def _ship(shipped: Path, folder: Path) -> None:
