@@ -3,6 +3,7 @@ every shipped paper-scale config validated and dry-run on tiny torchvision-forma
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,8 @@ def _ship(shipped: Path, folder: Path) -> None:
     (shipped / folder.name / "encoder.safetensors").write_bytes(b"weights")
     (shipped / folder.name / "results.json").write_text(json.dumps({
         "final": {"knn_accuracy": 0.8, "linear_probe_accuracy": 0.9}, "train_seconds": 600.0,
-        "environment": {"device": "cpu", "threads": 2, "bf16": False}}))
+        "environment": {"device": "cpu", "threads": 2, "bf16": False},
+        "encoder": {"sha256": hashlib.sha256(b"weights").hexdigest()}}))
 
 
 def test_a_shipped_encoder_seeds_the_cache_unless_switched_off(
@@ -233,7 +235,9 @@ def test_a_shipped_encoder_seeds_the_cache_unless_switched_off(
     section = "\n".join(encoders_section({"encoders": [summary]}))
     assert "10.0 on cpu, 2 threads, fp32 (*shipped*)" in section
     assert "shipped_encoders=false" in section
-    assert not ensure_encoder(config, encoder)["shipped"]  # now simply cached
+    assert ensure_encoder(config, encoder)["shipped"]  # reused from the cache, still shipped
+    (folder / "encoder.safetensors").write_bytes(b"re-trained")
+    assert not ensure_encoder(config, encoder)["shipped"]
 
 
 def test_dry_run_resolves_every_input_and_writes_nothing(

@@ -175,6 +175,14 @@ def seed_from_shipped(folder: Path) -> bool:
     return True
 
 
+def shipped_sha256(pretrain_hash: str) -> str | None:
+    """The sha256 of the encoder the package ships for this pre-training hash, if any."""
+    record = SHIPPED_ENCODERS / pretrain_hash / "results.json"
+    if not record.is_file():
+        return None
+    return str(json.loads(record.read_text(encoding="utf-8"))["encoder"]["sha256"])
+
+
 def atomic_copy(source: Path, destination: Path) -> None:
     def write(tmp: Path) -> None:
         shutil.copyfile(source, tmp)
@@ -337,9 +345,7 @@ def ensure_encoder(grid: GridConfig, encoder: GridEncoder) -> dict[str, Any]:
         return {**summary, "source": "given"}
     config = pretrain_config(grid, encoder)
     folder = pretrain_folder(grid, encoder)
-    shipped = (not is_cached(folder) and grid.shipped_encoders
-               and seed_from_shipped(folder))
-    if shipped:
+    if not is_cached(folder) and grid.shipped_encoders and seed_from_shipped(folder):
         log(f"encoder {encoder.name}: the package ships this pre-training (hash "
             f"{folder.name}); copied into {folder} (shipped_encoders: false pre-trains here)")
     if is_cached(folder):
@@ -350,8 +356,10 @@ def ensure_encoder(grid: GridConfig, encoder: GridEncoder) -> dict[str, Any]:
         results = run_pretrain(config, folder, resume=True)
         if not results:  # a torchrun process other than rank 0: it only helped to train
             return {**summary, "source": "simclr", "cache": str(folder)}
-    return {**summary, "source": "simclr", "cache": str(folder), "shipped": shipped,
-            "hash": pretrain_hash(config), "sha256": sha256_file(Path(str(spec.weights))),
+    sha256 = sha256_file(Path(str(spec.weights)))
+    return {**summary, "source": "simclr", "cache": str(folder),
+            "shipped": sha256 == shipped_sha256(folder.name),
+            "hash": pretrain_hash(config), "sha256": sha256,
             "data": [f"{s.dataset}/{s.split}" + (f"@{s.limit}" if s.limit else "")
                      for s in config.data],
             "epochs": config.simclr.epochs, "final": results["final"],
