@@ -164,15 +164,18 @@ def is_cached(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CACHE_FILES)
 
 
-def seed_from_shipped(folder: Path) -> bool:
-    """Copy the shipped encoder of the same pre-training hash into the cache folder, if the
-    package has one; each file is renamed into place whole, `results.json` last."""
+def shipped_copy(grid: GridConfig, folder: Path) -> Path | None:
+    """The package's encoder for the cache folder's pre-training hash, if it ships one and
+    the grid allows it."""
     shipped = SHIPPED_ENCODERS / folder.name
-    if not is_cached(shipped):
-        return False
+    return shipped if grid.shipped_encoders and is_cached(shipped) else None
+
+
+def seed_from_shipped(shipped: Path, folder: Path) -> None:
+    """Copy a shipped encoder into the cache folder; each file is renamed into place
+    whole, `results.json` last."""
     for name in CACHE_FILES:
         atomic_copy(shipped / name, folder / name)
-    return True
 
 
 def shipped_sha256(pretrain_hash: str) -> str | None:
@@ -320,7 +323,7 @@ def dry_run(grid: GridConfig) -> list[str]:
 def _cache_state(grid: GridConfig, folder: Path) -> str:
     if is_cached(folder):
         return " (cached)"
-    if grid.shipped_encoders and is_cached(SHIPPED_ENCODERS / folder.name):
+    if shipped_copy(grid, folder):
         return " (shipped with the package: copied, not pre-trained)"
     return ""
 
@@ -345,7 +348,8 @@ def ensure_encoder(grid: GridConfig, encoder: GridEncoder) -> dict[str, Any]:
         return {**summary, "source": "given"}
     config = pretrain_config(grid, encoder)
     folder = pretrain_folder(grid, encoder)
-    if not is_cached(folder) and grid.shipped_encoders and seed_from_shipped(folder):
+    if not is_cached(folder) and (shipped := shipped_copy(grid, folder)):
+        seed_from_shipped(shipped, folder)
         log(f"encoder {encoder.name}: the package ships this pre-training (hash "
             f"{folder.name}); copied into {folder} (shipped_encoders: false pre-trains here)")
     if is_cached(folder):
