@@ -295,3 +295,12 @@ def test_findings_of_a_sweep_say_whether_asr_rises_and_where_it_crosses() -> Non
                                         _cell(4, [0], (0.9, 0.9, 0.40))])
     text = findings_section(falling)[1]
     assert "**does not rise** with trigger size" in text and "never ≥ 95%" in text
+    saturated = _results("trigger-size", [_cell(4, [0], (0.9, 0.9, 1.0)),
+                                          _cell(2, [0], (0.9, 0.9, 0.97))])
+    text = findings_section(saturated)[1]
+    assert "ASR rises with trigger size" in text
+    assert "already ≥ 95% at the smallest value swept (2)" in text
+    assert "**does not show here**" in text
+    flat = _results("trigger-size", [_cell(4, [0], (0.9, 0.9, 1.0)),
+                                     _cell(2, [0], (0.9, 0.9, 0.999))])
+    assert "ASR **stays flat** with trigger size" in findings_section(flat)[1]

@@ -224,15 +224,35 @@ def sweep_findings(results: dict[str, Any]) -> list[str]:
     lines = []
     for label, points in series.items():
         points.sort()
-        rises = all(b >= a - RISE_SLACK for (_, a), (_, b) in pairwise(points))
         curve = ", ".join(f"{x} → {100 * asr:.2f}" for x, asr in points)
-        reached = next((x for x, asr in points if asr >= ASR_BAR), None)
-        threshold = (f"first ≥ {100 * ASR_BAR:.0f}% at {reached}" if reached is not None
-                     else f"never ≥ {100 * ASR_BAR:.0f}%")
-        lines.append(f"- {label}: ASR {'rises' if rises else '**does not rise**'} with {unit} "
-                     f"(no step down by more than {100 * RISE_SLACK:.0f} point): {curve}; "
-                     f"{threshold}.")
+        lines.append(f"- {label}: ASR {_trend_phrase(points, unit)}: {curve}; "
+                     f"{_threshold_phrase(points)}.")
     return lines
+
+
+def _trend_phrase(points: list[tuple[int, float]], unit: str) -> str:
+    """Rising means no step down by more than RISE_SLACK; a curve whose whole span is
+    within that slack is flat, which is not the paper's rise."""
+    slack = f"{100 * RISE_SLACK:.0f} point"
+    asrs = [asr for _, asr in points]
+    if not all(b >= a - RISE_SLACK for a, b in pairwise(asrs)):
+        return f"**does not rise** with {unit} (a step down by more than {slack})"
+    if max(asrs) - min(asrs) <= RISE_SLACK:
+        return f"**stays flat** with {unit} (all within {slack})"
+    return f"rises with {unit} (no step down by more than {slack})"
+
+
+def _threshold_phrase(points: list[tuple[int, float]]) -> str:
+    """Where ASR first reaches the bar; a sweep that starts above it cannot show the
+    paper's threshold, and saying "first at <smallest>" would read as if it had."""
+    bar = f"{100 * ASR_BAR:.0f}%"
+    reached = next((x for x, asr in points if asr >= ASR_BAR), None)
+    if reached is None:
+        return f"never ≥ {bar}"
+    if reached == points[0][0]:
+        return (f"already ≥ {bar} at the smallest value swept ({reached}): any threshold "
+                f"lies below this range and **does not show here**")
+    return f"first ≥ {bar} at {reached}"
 
 
 FINDINGS = {
