@@ -304,3 +304,13 @@ def test_findings_of_a_sweep_say_whether_asr_rises_and_where_it_crosses() -> Non
     flat = _results("trigger-size", [_cell(4, [0], (0.9, 0.9, 1.0)),
                                      _cell(2, [0], (0.9, 0.9, 0.999))])
     assert "ASR **stays flat** with trigger size" in findings_section(flat)[1]
+
+
+def test_findings_of_a_sweep_check_ba_against_ca_at_every_value() -> None:
+    sweep = _results("trigger-size", [_cell(2, [0], (0.947, 0.930, 1.0)),
+                                      _cell(4, [0], (0.947, 0.940, 1.0))])
+    text = findings_section(sweep)[1]
+    assert "BA ≥ CA − 1 point at every swept value: **does not hold** (1 of 2 values)" in text
+    assert "FM → task0 [2]: CA 94.70, BA 93.00" in text
+    sweep["cells"][0]["tasks"][0]["ba"] = 0.945
+    assert "**holds** (2 of 2 values)" in findings_section(sweep)[1]

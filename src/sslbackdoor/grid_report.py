@@ -7,7 +7,7 @@ against the swept value. ASR excludes test inputs of the target class (see metri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -201,20 +201,36 @@ def _attacked_pairs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
 def pair_findings(results: dict[str, Any]) -> list[str]:
     """The paper's headline claim, checked on every attacked pair: ASR ≥ 95% with
     BA ≥ CA − 1 point."""
+    return _claim_lines(
+        results, f"ASR ≥ {100 * ASR_BAR:.0f}% with BA ≥ CA − {100 * BA_SLACK:.0f} point on "
+        "every attacked pair", "pairs",
+        lambda e: e["asr"] < ASR_BAR or e["ba"] < e["ca"] - BA_SLACK,
+        lambda e: f"ASR {percent(e['asr'])}, CA {percent(e['ca'])}, BA {percent(e['ba'])}")
+
+
+def utility_findings(results: dict[str, Any]) -> list[str]:
+    """The paper's clean-accuracy claim alone, BA ≥ CA − 1 point, at every swept value:
+    a sweep's ASR is meant to fall short at its low end, its BA is not."""
+    return _claim_lines(
+        results, f"BA ≥ CA − {100 * BA_SLACK:.0f} point at every swept value", "values",
+        lambda e: e["ba"] < e["ca"] - BA_SLACK,
+        lambda e: f"CA {percent(e['ca'])}, BA {percent(e['ba'])}")
+
+
+def _claim_lines(results: dict[str, Any], claim: str, counted: str,
+                 fails: Callable[[dict[str, Any]], bool],
+                 detail: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One verdict line for a claim over every attacked pair, then one line per failure."""
     pairs = _attacked_pairs(results)
-    failing = [(label, e) for label, e in pairs
-               if e["asr"] < ASR_BAR or e["ba"] < e["ca"] - BA_SLACK]
+    failing = [(label, e) for label, e in pairs if fails(e)]
     verdict = "holds" if not failing else "does not hold"
-    lines = [f"- ASR ≥ {100 * ASR_BAR:.0f}% with BA ≥ CA − {100 * BA_SLACK:.0f} point on every "
-             f"attacked pair: **{verdict}** ({len(pairs) - len(failing)} of {len(pairs)} "
-             f"pairs)."]
-    lines += [f"  - {label}: ASR {percent(e['asr'])}, CA {percent(e['ca'])}, BA "
-              f"{percent(e['ba'])}" for label, e in failing]
-    return lines
+    return ([f"- {claim}: **{verdict}** ({len(pairs) - len(failing)} of {len(pairs)} "
+             f"{counted})."]
+            + [f"  - {label}: {detail(e)}" for label, e in failing])
 
 
 def sweep_findings(results: dict[str, Any]) -> list[str]:
-    """ASR should rise with the swept value (shadow size or trigger side)."""
+    """ASR should rise with the swept value (shadow size or trigger side), BA stay ≈ CA."""
     unit = "shadow-set size" if results["study"] == "shadow-size" else "trigger size"
     series: dict[str, list[tuple[int, float]]] = {}
     for cell in results["cells"]:
@@ -227,7 +243,7 @@ def sweep_findings(results: dict[str, Any]) -> list[str]:
         curve = ", ".join(f"{x} → {100 * asr:.2f}" for x, asr in points)
         lines.append(f"- {label}: ASR {_trend_phrase(points, unit)}: {curve}; "
                      f"{_threshold_phrase(points)}.")
-    return lines
+    return lines + utility_findings(results)
 
 
 def _trend_phrase(points: list[tuple[int, float]], unit: str) -> str:
