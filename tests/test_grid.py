@@ -101,6 +101,15 @@ def test_tiny_table_grid_end_to_end_then_a_sweep_reuses_the_cached_encoder(
     rerendered = (tmp_path / "sweep" / "report.md").read_text()
     assert "ASR and BA vs trigger size" in rerendered and "![ASR and BA" in rerendered
 
+    wider = tiny_grid(cache, "trigger-size", sweep=[2, 4, 6])  # resume reuses 2 and 4
+    main(["run", str(_write(tmp_path / "wider.yaml", wider)), "--out", str(tmp_path / "sweep"),
+          "--resume", "--quiet"])
+    resumed = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert [c["reused"] for c in resumed["cells"]] == [True, True, False]
+    assert [c["tasks"] for c in resumed["cells"][:2]] == [c["tasks"] for c in swept["cells"]]
+    assert "(2 of 3 reused from earlier runs in this folder)" in (
+        tmp_path / "sweep" / "report.md").read_text()
+
 
 def test_plan_of_each_study(tmp_path: Path) -> None:
     targets = tiny_grid(tmp_path)["targets"]

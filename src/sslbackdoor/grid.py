@@ -371,8 +371,9 @@ def ensure_encoder(grid: GridConfig, encoder: GridEncoder) -> dict[str, Any]:
             "pretrain_environment": results.get("environment")}
 
 
-def run_cell(cell: Cell, out_dir: Path, resume: bool) -> dict[str, Any]:
-    """Run (or, with resume, reuse a finished) BadEncoder cell; its results dict."""
+def run_cell(cell: Cell, out_dir: Path, resume: bool) -> tuple[dict[str, Any], bool]:
+    """Run (or, with resume, reuse a finished) BadEncoder cell; its results dict, and
+    whether it was reused."""
     from sslbackdoor.experiment import config_hash, run_badencoder_experiment
 
     folder = out_dir / "cells" / cell.id
@@ -381,9 +382,9 @@ def run_cell(cell: Cell, out_dir: Path, resume: bool) -> dict[str, Any]:
         results: dict[str, Any] = json.loads(done.read_text(encoding="utf-8"))
         if results.get("config_hash") == config_hash(cell.config):
             log(f"cell {cell.id}: finished earlier, reused")
-            return results
+            return results, True
     log(f"cell {cell.id}")
-    return run_badencoder_experiment(cell.config, folder, resume)
+    return run_badencoder_experiment(cell.config, folder, resume), False
 
 
 def run_grid(grid: GridConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -409,13 +410,14 @@ def run_grid(grid: GridConfig, out_dir: Path, resume: bool = False) -> dict[str,
         return {"name": grid.name, "kind": "grid", "cells": [], "encoders": encoders}
     entries = []
     for cell in cells:
-        results = run_cell(cell, out_dir, resume)
+        results, reused = run_cell(cell, out_dir, resume)
         entries.append({"id": cell.id, "encoder": cell.encoder, "targets": cell.targets,
                         "variable": cell.variable, "tasks": results["tasks"],
                         "shadow_images": sum(s["images"] for s in
                                              results["provenance"]["shadow"]),
                         "attack_seconds": results["attack"]["seconds"],
-                        "folder": f"cells/{cell.id}"})
+                        "seconds": round(sum(results["timings_s"].values()), 2),
+                        "reused": reused, "folder": f"cells/{cell.id}"})
     results = {"schema": RESULTS_SCHEMA, "name": grid.name, "kind": "grid", "study": grid.study,
                "scale": grid.scale, "seed": grid.seed, "config": grid.model_dump(mode="json"),
                "encoders": encoders, "cells": entries,

@@ -301,13 +301,25 @@ def render_grid_report(results: dict[str, Any]) -> str:
         body = sweep_section(results, "ASR and BA vs trigger size", "trigger side (px)")
     else:
         body = STUDY_SECTIONS[study](results)
-    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
     parts = [f"# {results['name']}: BadEncoder grid ({study})", scale_line(results),
              *encoders_section(results), *body, *findings_section(results),
              f"Paper numbers: {BADENCODER_SOURCE}. ASR excludes test inputs of the target "
              f"class; each cell's folder (`cells/<id>/report.md`) also has `ASR (all)`.",
-             f"Timings: {timings}."]
+             timings_line(results)]
     return "\n\n".join(parts) + "\n"
+
+
+def timings_line(results: dict[str, Any]) -> str:
+    """This run's wall-clock, plus the cells' own compute: a `--resume` that reuses
+    finished cells takes seconds, which alone would read as if the grid were free."""
+    this_run = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
+    cells = results["cells"]
+    if not cells or "seconds" not in cells[0]:
+        return f"Timings: {this_run}."
+    reused = sum(bool(c.get("reused")) for c in cells)
+    own = sum(c["seconds"] for c in cells)
+    return (f"Timings: this run {this_run}; the cells' own runs {own:,.0f} s in all "
+            f"({reused} of {len(cells)} reused from earlier runs in this folder).")
 
 
 def write_grid_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
