@@ -323,38 +323,43 @@ def timings_line(results: dict[str, Any]) -> str:
 
 
 def write_grid_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """Sweep studies: ASR and BA against the swept value, one line per encoder→target."""
+    """Sweep studies: ASR and BA (with CA dashed) against the swept value, one line per
+    encoder→target."""
     if results["study"] not in ("shadow-size", "trigger-size"):
         return {}
     unit = "shadow images" if results["study"] == "shadow-size" else "trigger side (px)"
-    series: dict[str, list[tuple[float, float, float]]] = {}
+    series: dict[str, list[tuple[float, float, float, float]]] = {}
     for cell in results["cells"]:
         index = cell["targets"][0]
         entry = target_entry(results, cell, index)
         series.setdefault(_label(results, cell["encoder"], index), []).append(
-            (float(cell["variable"]), 100 * entry["asr"], 100 * entry["ba"]))
+            (float(cell["variable"]), 100 * entry["asr"], 100 * entry["ba"],
+             100 * entry["ca"]))
     plot_sweep(series, unit, out_dir / SWEEP_FIGURE)
     return {"sweep": SWEEP_FIGURE}
 
 
-def plot_sweep(series: dict[str, list[tuple[float, float, float]]], unit: str,
+def plot_sweep(series: dict[str, list[tuple[float, float, float, float]]], unit: str,
                path: Path) -> None:
-    """Two panels (ASR, BA) of percent vs `unit`; series: label → [(x, asr, ba)]."""
+    """Two panels (ASR, BA) of percent vs `unit`; series: label → [(x, asr, ba, ca)].
+    CA is drawn dashed beside BA: the paper's claim is BA ≈ CA, which BA alone hides."""
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for label, points in series.items():
-        xs, asr, ba = zip(*sorted(points), strict=True)
+        xs, asr, ba, ca = zip(*sorted(points), strict=True)
         _line(axes[0], xs, asr, label)
-        _line(axes[1], xs, ba, label)
-    for axis, metric in zip(axes, ("ASR", "BA"), strict=True):
+        [ba_line] = _line(axes[1], xs, ba, f"{label}: BA")
+        axes[1].plot(xs, ca, linestyle="--", color=ba_line.get_color(), label=f"{label}: CA")
+    for axis, metric in zip(axes, ("ASR", "BA, CA dashed"), strict=True):
         axis.set_xlabel(unit)
         axis.set_ylabel(f"{metric} (%)")
         axis.set_ylim(-2, 102)
         axis.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
+    for axis in axes:
+        axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
 
 
-def _line(axis: Any, xs: Sequence[float], ys: Sequence[float], label: str) -> None:
-    axis.plot(xs, ys, marker="o", label=label)
+def _line(axis: Any, xs: Sequence[float], ys: Sequence[float], label: str) -> list[Any]:
+    return list(axis.plot(xs, ys, marker="o", label=label))
