@@ -131,6 +131,15 @@ def test_plan_of_each_study(tmp_path: Path) -> None:
         pretrain_folder(distribution, distribution.encoders[0]) / "encoder.safetensors")
 
 
+def test_attack_seed_reseeds_the_cells_but_not_the_pre_training(tmp_path: Path) -> None:
+    plain = GridConfig.model_validate(tiny_grid(tmp_path))
+    reseeded = GridConfig.model_validate(tiny_grid(tmp_path, attack_seed=1))
+    assert [c.config.seed for c in plan_cells(plain)] == [0]
+    assert [c.config.seed for c in plan_cells(reseeded)] == [1]
+    assert pretrain_folder(reseeded, reseeded.encoders[0]) == pretrain_folder(
+        plain, plain.encoders[0])
+
+
 def test_bad_grids_are_one_line_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="sweep"):
         validate_experiment(tiny_grid(tmp_path, "trigger-size"), "grid")

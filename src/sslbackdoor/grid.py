@@ -108,6 +108,10 @@ class GridConfig(Strict):
     study: Study = "table"
     scale: str = Field("custom", description="label for the report (small, paper, ...)")
     seed: int = 0
+    attack_seed: int | None = Field(None, description="seed of the attacks, shadow subsets and "
+                                                      "downstream probes (default: seed); "
+                                                      "another value re-runs the cells on the "
+                                                      "same pre-trained encoder")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(32, ge=8)
     data_root: str | None = None
@@ -280,7 +284,7 @@ def _cell(grid: GridConfig, encoder: GridEncoder, indices: list[int],
     task = "all-targets" if len(indices) > 1 else grid.targets[indices[0]].task
     parts = [encoder.name, task] + ([str(variable)] if variable not in (None, "one") else [])
     cell_id = "__".join(_slug(p) for p in parts)
-    raw = {"name": f"{grid.name}-{cell_id}", "kind": "badencoder", "seed": grid.seed,
+    raw = {"name": f"{grid.name}-{cell_id}", "kind": "badencoder", "seed": cell_seed(grid),
            "device": grid.device, "image_size": grid.image_size, "data_root": grid.data_root,
            "download": grid.download,
            "encoder": encoder_spec(grid, encoder).model_dump(mode="json"),
@@ -292,6 +296,12 @@ def _cell(grid: GridConfig, encoder: GridEncoder, indices: list[int],
     except ValidationError as exc:
         raise UserInputError(format_validation_error(exc, f"grid cell {cell_id}")) from None
     return Cell(cell_id, encoder.name, indices, variable, config)
+
+
+def cell_seed(grid: GridConfig) -> int:
+    """The cells' seed: `attack_seed` when set, else the grid's (which also seeds
+    pre-training, so changing it alone would pre-train a new encoder)."""
+    return grid.seed if grid.attack_seed is None else grid.attack_seed
 
 
 def dry_run(grid: GridConfig) -> list[str]:
@@ -419,7 +429,8 @@ def run_grid(grid: GridConfig, out_dir: Path, resume: bool = False) -> dict[str,
                         "seconds": round(sum(results["timings_s"].values()), 2),
                         "reused": reused, "folder": f"cells/{cell.id}"})
     results = {"schema": RESULTS_SCHEMA, "name": grid.name, "kind": "grid", "study": grid.study,
-               "scale": grid.scale, "seed": grid.seed, "config": grid.model_dump(mode="json"),
+               "scale": grid.scale, "seed": grid.seed, "attack_seed": cell_seed(grid),
+               "config": grid.model_dump(mode="json"),
                "encoders": encoders, "cells": entries,
                "environment": environment(resolve_device(grid.device)),
                "timings_s": {"pretrain": round(pretrain_seconds, 2),

@@ -180,10 +180,17 @@ def scale_line(results: dict[str, Any]) -> str:
             f"downstream {probe['kind']} probe {probe['epochs']} epochs (train ≤ "
             f"{config['downstream']['train_limit'] or 'all'}, test ≤ "
             f"{config['downstream']['test_limit'] or 'all'} per task); device {env['device']} "
-            f"({env['threads']} threads), torch {env['torch']}; seed {results['seed']}. "
+            f"({env['threads']} threads), torch {env['torch']}; {_seed_phrase(results)}. "
             f"The paper: ResNet18 SimCLR encoders pre-trained 1000 epochs on CIFAR10/STL10, "
             f"200 attack epochs on 50,000 shadow images, MLP probes 500 epochs, GPUs — compare "
             f"the pattern (BA ≈ CA, ASR ≫ ASR-B), not the digits, unless the scale is `paper`.")
+
+
+def _seed_phrase(results: dict[str, Any]) -> str:
+    attack_seed = results.get("attack_seed", results["seed"])
+    if attack_seed == results["seed"]:
+        return f"seed {results['seed']}"
+    return f"seed {results['seed']} (pre-training), {attack_seed} (attacks and probes)"
 
 
 def _attacked_pairs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
