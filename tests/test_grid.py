@@ -322,6 +322,8 @@ def test_findings_of_a_sweep_say_whether_asr_rises_and_where_it_crosses() -> Non
     flat = _results("trigger-size", [_cell(4, [0], (0.9, 0.9, 1.0)),
                                      _cell(2, [0], (0.9, 0.9, 0.999))])
     assert "ASR **stays flat** with trigger size" in findings_section(flat)[1]
+    single = _results("trigger-size", [_cell(10, [0], (0.9, 0.9, 0.9))])
+    assert "ASR has one trigger size only, so no trend: 10 → 90.00" in findings_section(single)[1]
 
 
 def test_findings_of_a_sweep_check_ba_against_ca_at_every_value() -> None:

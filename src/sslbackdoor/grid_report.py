@@ -258,6 +258,8 @@ def _trend_phrase(points: list[tuple[int, float]], unit: str) -> str:
     within that slack is flat, which is not the paper's rise."""
     slack = f"{100 * RISE_SLACK:.0f} point"
     asrs = [asr for _, asr in points]
+    if len(asrs) < 2:
+        return f"has one {unit} only, so no trend"
     if not all(b >= a - RISE_SLACK for a, b in pairwise(asrs)):
         return f"**does not rise** with {unit} (a step down by more than {slack})"
     if max(asrs) - min(asrs) <= RISE_SLACK:
