@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -36,6 +36,15 @@ SWEEP_FIGURE = "sweep.png"
 ASR_BAR = 0.95  # the paper: ASR ≥ 95% ...
 BA_SLACK = 0.01  # ... with BA ≥ CA − 1 point
 RISE_SLACK = 0.01  # a sweep "rises" if no step falls by more than this
+
+
+class SweepAxis(NamedTuple):
+    noun: str  # in prose: "ASR rises with <noun>"
+    unit: str  # table column and plot axis
+
+
+SWEEP_AXES = {"shadow-size": SweepAxis("shadow-set size", "shadow images"),
+              "trigger-size": SweepAxis("trigger size", "trigger side (px)")}
 
 
 def target_entry(results: dict[str, Any], cell: dict[str, Any], index: int) -> dict[str, Any]:
@@ -107,18 +116,26 @@ def multi_target_section(results: dict[str, Any]) -> list[str]:
             markdown_table(header, rows)]
 
 
-def sweep_section(results: dict[str, Any], title: str, unit: str) -> list[str]:
-    rows = []
+def sweep_section(results: dict[str, Any]) -> list[str]:
+    axis = SWEEP_AXES[results["study"]]
+    rows = [[label, str(x), *_metrics(entry)]
+            for label, points in _sweep_series(results).items() for x, entry in points]
+    parts = [f"## ASR and BA vs {axis.noun} (percent)",
+             markdown_table(["pre-train → target", axis.unit, "CA", "BA", "ASR-B", "ASR"], rows)]
+    if "sweep" in results.get("figures", {}):
+        parts.append(f"![ASR and BA vs {axis.unit}]({results['figures']['sweep']})")
+    return parts
+
+
+def _sweep_series(results: dict[str, Any]) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """label → [(swept value, task entry)], by swept value; one target per sweep cell."""
+    series: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for cell in results["cells"]:
         index = cell["targets"][0]
-        entry = target_entry(results, cell, index)
-        rows.append([_label(results, cell["encoder"], index), str(cell["variable"]),
-                     *_metrics(entry)])
-    parts = [f"## {title} (percent)",
-             markdown_table(["pre-train → target", unit, "CA", "BA", "ASR-B", "ASR"], rows)]
-    if "sweep" in results.get("figures", {}):
-        parts.append(f"![ASR and BA vs {unit}]({results['figures']['sweep']})")
-    return parts
+        series.setdefault(_label(results, cell["encoder"], index), []).append(
+            (int(cell["variable"]), target_entry(results, cell, index)))
+    return {label: sorted(points, key=lambda point: point[0])
+            for label, points in series.items()}
 
 
 def shadow_distribution_section(results: dict[str, Any]) -> list[str]:
@@ -238,15 +255,10 @@ def _claim_lines(results: dict[str, Any], claim: str, counted: str,
 
 def sweep_findings(results: dict[str, Any]) -> list[str]:
     """ASR should rise with the swept value (shadow size or trigger side), BA stay ≈ CA."""
-    unit = "shadow-set size" if results["study"] == "shadow-size" else "trigger size"
-    series: dict[str, list[tuple[int, float]]] = {}
-    for cell in results["cells"]:
-        index = cell["targets"][0]
-        series.setdefault(_label(results, cell["encoder"], index), []).append(
-            (int(cell["variable"]), target_entry(results, cell, index)["asr"]))
+    unit = SWEEP_AXES[results["study"]].noun
     lines = []
-    for label, points in series.items():
-        points.sort()
+    for label, entries in _sweep_series(results).items():
+        points = [(x, entry["asr"]) for x, entry in entries]
         curve = ", ".join(f"{x} → {100 * asr:.2f}" for x, asr in points)
         lines.append(f"- {label}: ASR {_trend_phrase(points, unit)}: {curve}; "
                      f"{_threshold_phrase(points)}.")
@@ -299,17 +311,14 @@ STUDY_SECTIONS = {
     "table": table_section,
     "multi-target": multi_target_section,
     "shadow-distribution": shadow_distribution_section,
+    "shadow-size": sweep_section,
+    "trigger-size": sweep_section,
 }
 
 
 def render_grid_report(results: dict[str, Any]) -> str:
     study = results["study"]
-    if study == "shadow-size":
-        body = sweep_section(results, "ASR and BA vs shadow-set size", "shadow images")
-    elif study == "trigger-size":
-        body = sweep_section(results, "ASR and BA vs trigger size", "trigger side (px)")
-    else:
-        body = STUDY_SECTIONS[study](results)
+    body = STUDY_SECTIONS[study](results)
     parts = [f"# {results['name']}: BadEncoder grid ({study})", scale_line(results),
              *encoders_section(results), *body, *findings_section(results),
              f"Paper numbers: {BADENCODER_SOURCE}. ASR excludes test inputs of the target "
@@ -334,17 +343,12 @@ def timings_line(results: dict[str, Any]) -> str:
 def write_grid_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Sweep studies: ASR and BA (with CA dashed) against the swept value, one line per
     encoder→target."""
-    if results["study"] not in ("shadow-size", "trigger-size"):
+    if results["study"] not in SWEEP_AXES:
         return {}
-    unit = "shadow images" if results["study"] == "shadow-size" else "trigger side (px)"
-    series: dict[str, list[tuple[float, float, float, float]]] = {}
-    for cell in results["cells"]:
-        index = cell["targets"][0]
-        entry = target_entry(results, cell, index)
-        series.setdefault(_label(results, cell["encoder"], index), []).append(
-            (float(cell["variable"]), 100 * entry["asr"], 100 * entry["ba"],
-             100 * entry["ca"]))
-    plot_sweep(series, unit, out_dir / SWEEP_FIGURE)
+    series = {label: [(float(x), 100 * e["asr"], 100 * e["ba"], 100 * e["ca"])
+                      for x, e in points]
+              for label, points in _sweep_series(results).items()}
+    plot_sweep(series, SWEEP_AXES[results["study"]].unit, out_dir / SWEEP_FIGURE)
     return {"sweep": SWEEP_FIGURE}
 
 
