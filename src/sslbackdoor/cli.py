@@ -327,7 +327,11 @@ def encoders() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input → exit 2 with one line; nothing else is swallowed."""
     try:
-        app(args=argv, prog_name="sslbackdoor", standalone_mode=False)
+        from sslbackdoor.run_lock import lock_out_folders
+
+        # Every command with an --out folder holds its lock: one run per folder at a time.
+        lock_out_folders(typer.main.get_command(app))(args=argv, prog_name="sslbackdoor",
+                                                      standalone_mode=False)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -43,6 +43,7 @@ from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder, save_encoder
 from sslbackdoor.models.encoders import Encoder
 from sslbackdoor.progress import log
+from sslbackdoor.run_lock import output_lock
 from sslbackdoor.runners import register_kind
 
 RESULTS_SCHEMA = "sslbackdoor.results/1"
@@ -140,16 +141,16 @@ def run_attack_stage(config: ExperimentConfig, out_dir: Path, resume: bool = Fal
     seed_everything(config.seed)
     prepared = prepared or prepare_attack(config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     log(f"BadEncoder: {len(prepared.targets)} target(s), {prepared.shadow.shape[0]} shadow "
         f"images, {config.attack.epochs} epochs on {device}")
     attack = BadEncoderAttack(prepared.clean, prepared.targets, config.attack, device,
                               seed=config.seed)
-    result = attack.run(prepared.shadow, checkpoint=out_dir / "attack_state.safetensors",
-                        resume=resume)
-    path = out_dir / "backdoored_encoder.safetensors"
-    sha = save_encoder(result.encoder, path, {"config_hash": config_hash(config),
-                                              "targets": [t.name for t in prepared.targets]})
+    with output_lock(out_dir):
+        result = attack.run(prepared.shadow, checkpoint=out_dir / "attack_state.safetensors",
+                            resume=resume)
+        path = out_dir / "backdoored_encoder.safetensors"
+        sha = save_encoder(result.encoder, path, {"config_hash": config_hash(config),
+                                                  "targets": [t.name for t in prepared.targets]})
     return AttackStage(prepared, attack, result, path, sha)
 
 
@@ -309,8 +310,8 @@ def run_evaluate_stage(encoder_path: Path, task_names: list[str], out_dir: Path,
                "encoder": encoder_provenance(encoder_path, arch),
                "clean_encoder": encoder_provenance(clean, arch or suspect.name) if clean else None,
                "tasks": entries, "environment": environment(torch_device)}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+    with output_lock(out_dir):
+        atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     return results
 
 

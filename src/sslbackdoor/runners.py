@@ -70,6 +70,10 @@ def dry_run_experiment(raw: dict[str, Any], label: str = "config") -> list[str]:
 
 def run_experiment(raw: dict[str, Any], out_dir: Path, resume: bool = False,
                    label: str = "config") -> dict[str, Any]:
-    """Validate and run an experiment given as a (merged) config dict."""
+    """Validate and run an experiment given as a (merged) config dict, holding the lock on
+    `out_dir` (a second run on the same folder is refused) while it runs."""
+    from sslbackdoor.run_lock import output_lock
+
     kind, config = validate_experiment(raw, label)
-    return kind.run(config, out_dir, resume)
+    with output_lock(out_dir):
+        return kind.run(config, out_dir, resume)

@@ -241,6 +241,7 @@ def run_zero_shot_stage(encoder_path: Path, task_names: list[str], out_dir: Path
     from sslbackdoor.experiment import RESULTS_SCHEMA, environment
     from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder
     from sslbackdoor.models.clip import load_clip
+    from sslbackdoor.run_lock import output_lock
 
     arch = _clip_arch(Path(encoder_path), arch)
     text_source = clip_weights or clean
@@ -285,6 +286,6 @@ def run_zero_shot_stage(encoder_path: Path, task_names: list[str], out_dir: Path
                                  else encoder_provenance(clean, arch) if clean else None),
                "text_tower": bundle.provenance, "tasks": entries,
                "environment": environment(torch_device)}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+    with output_lock(out_dir):
+        atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     return results

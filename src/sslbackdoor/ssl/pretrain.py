@@ -22,6 +22,7 @@ run would have made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ from sslbackdoor.experiment import environment
 from sslbackdoor.models.checkpoints import save_encoder
 from sslbackdoor.models.encoders import build_encoder
 from sslbackdoor.progress import log, track
+from sslbackdoor.run_lock import output_lock
 from sslbackdoor.ssl.distributed import (
     DistContext,
     convert_global_batchnorm,
@@ -409,15 +411,16 @@ def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
         provenance = [{"images": int(images.shape[0]), "source": "given by the caller"}]
     monitor = load_monitor_data(config) if context.is_main else None
     trainer = ContrastiveTrainer(config, device, context)
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", dump_config(config))
-    history = _train(trainer, images, out_dir, resume, monitor)
-    if not context.is_main:
-        return {}
-    assert monitor is not None
-    results = _final_results(trainer, history, monitor, provenance, out_dir)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    # Only rank 0 writes, so only it locks the folder (the others would refuse themselves).
+    with output_lock(out_dir) if context.is_main else contextlib.nullcontext():
+        if context.is_main:
+            atomic_write_text(out_dir / "config.yaml", dump_config(config))
+        history = _train(trainer, images, out_dir, resume, monitor)
+        if not context.is_main:
+            return {}
+        assert monitor is not None
+        results = _final_results(trainer, history, monitor, provenance, out_dir)
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     return results
 
 
