@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -412,3 +414,39 @@ def test_corrupt_idx_file_is_a_user_error(tmp_path: Path) -> None:
     (raw / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x00\x00garbage")
     with pytest.raises(UserInputError, match="could not be read"):
         load_dataset("mnist", "test", root=tmp_path)
+
+
+# --- npz files that only pickle could read, or that claim more than they hold ----------------
+
+
+def test_npz_object_array_is_refused_without_unpickling(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, x=np.array([{"a": 1}, None], dtype=object), y=np.array([0, 1]))
+
+    def no_unpickling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    with pytest.raises(UserInputError) as info:
+        load_dataset(f"npz:{path}", "train")
+    message = str(info.value)
+    assert "'x' is an object array" in message and "never unpickles" in message
+    assert "\n" not in message
+
+
+def test_npz_header_claiming_more_than_the_file_holds_is_refused_before_allocating(
+        tmp_path: Path) -> None:
+    header = io.BytesIO()
+    # 10^12 images of 32×32×3 bytes: numpy would try to allocate ~3 PB for it.
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10**12, 32, 32, 3)})
+    path = tmp_path / "forged.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(96))
+        labels = io.BytesIO()
+        np.save(labels, np.zeros(1, dtype=np.int64))
+        archive.writestr("y.npy", labels.getvalue())
+    with pytest.raises(UserInputError, match=r"'x' claims uint8 \(1000000000000, 32, 32, 3\)"):
+        load_dataset(f"npz:{path}", "train")

@@ -159,7 +159,8 @@ def test_cli_zero_shot_needs_a_clip_arch(tmp_path: Path,
 
 def tiny_files(tmp_path: Path, bundle: ClipBundle,
                images: tuple[torch.Tensor, torch.Tensor]) -> tuple[Path, Path, Path]:
-    """A full CLIP weights file, a backdoored-looking image encoder file and an npz task."""
+    """A full CLIP weights file, a backdoored-looking image encoder file and an npz task
+    folder in BadEncoder's layout (train.npz: 24 images, test.npz: the other 16)."""
     full = tmp_path / "clip.pt"
     torch.save(bundle.model.state_dict(), full)
     backdoored = copy.deepcopy(bundle.image_encoder)
@@ -169,9 +170,11 @@ def tiny_files(tmp_path: Path, bundle: ClipBundle,
     encoder_file = tmp_path / "backdoored.safetensors"
     save_encoder(backdoored, encoder_file)
     pixels, labels = images
-    npz = tmp_path / "task.npz"
-    np.savez(npz, x=pixels.permute(0, 2, 3, 1).numpy(), y=labels.numpy(),
-             classes=np.array(CLASSES))
+    npz = tmp_path / "task"
+    npz.mkdir()
+    for split, part in (("train", slice(0, 24)), ("test", slice(24, None))):
+        np.savez(npz / f"{split}.npz", x=pixels[part].permute(0, 2, 3, 1).numpy(),
+                 y=labels[part].numpy(), classes=np.array(CLASSES))
     return full, encoder_file, npz
 
 

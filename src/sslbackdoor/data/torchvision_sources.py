@@ -11,6 +11,8 @@ files, a failed download) becomes a one-line `UserInputError`.
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +53,9 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 SVHN_CLASSES = tuple(str(digit) for digit in range(10))
 NPZ_FORMAT = ("an .npz with 'x' uint8 N×H×W×3, 'y' integer (N,) or (N,1) and optionally "
               "'classes' (str array)")
+NPZ_KEYS = ("x", "y", "classes")
+NPZ_LAYOUT = ("BadEncoder's layout: npz:DIR with DIR/train.npz and DIR/test.npz (npz:FILE.npz "
+              "serves only where one split is read, e.g. shadow images)")
 
 T = TypeVar("T")
 
@@ -283,13 +288,45 @@ def _imagefolder(request: DatasetRequest) -> TorchvisionDataset:
 
 
 def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file, read without pickle."""
+    """The arrays 'x', 'y' (and 'classes') of an .npz file, never unpickled; every header is
+    checked before any data is read, so memory stays bounded by what the file really holds."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.removesuffix(".npy") in NPZ_KEYS:
+                    _check_npy_header(path, archive, info)
         with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+            return {key: archive[key] for key in NPZ_KEYS if key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise UserInputError(f"{path} is not a readable .npz ({_one_line(exc)}); expected "
                              f"{NPZ_FORMAT}") from exc
+
+
+def _check_npy_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuse object arrays (only pickle could read them) and arrays whose header claims
+    more bytes than the member holds or than this machine has (numpy would allocate the
+    claimed size before reading)."""
+    key = info.filename.removesuffix(".npy")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(member)
+        held = info.file_size - member.tell()
+    if dtype.hasobject:
+        raise UserInputError(f"{path}: '{key}' is an object array, which only pickle could read; "
+                             f"refused (sslbackdoor never unpickles); expected {NPZ_FORMAT}")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > held:
+        raise UserInputError(f"{path}: '{key}' claims {dtype} {shape} ({claimed} bytes) but holds "
+                             f"{held} bytes; the file is truncated or not a plain .npz")
+    if claimed > _physical_memory() // 2:
+        raise UserInputError(f"{path}: '{key}' is {claimed / 2**30:.1f} GiB, more than half of "
+                             f"this machine's memory; split it into smaller files")
+
+
+def _physical_memory() -> int:
+    return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
 
 
 def _npz_checked(path: Path, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -322,12 +359,24 @@ def _npz_classes(path: Path, arrays: dict[str, np.ndarray], labels: np.ndarray) 
 
 
 @register_dataset("npz:", splits=("train", "test"), native_size=None,
-                  description="npz:PATH, the BadEncoder reference format (x uint8 N×H×W×3, y)")
+                  description="npz:DIR (DIR/train.npz, DIR/test.npz: BadEncoder's layout) or "
+                              "npz:FILE.npz (one split); x uint8 N×H×W×3, y")
 def _npz(request: DatasetRequest) -> TensorImageDataset:
-    path = _kind_path("npz", request)
+    path = npz_split_file(_kind_path("npz", request), request.split)
     arrays = _npz_arrays(path)
     x, labels = _npz_checked(path, arrays)
     classes = _npz_classes(path, arrays, labels)
     images = resize_uint8(torch.from_numpy(x).permute(0, 3, 1, 2), request.image_size)
     return TensorImageDataset(images, torch.from_numpy(labels), classes,
                               f"npz {path} ({len(x)} images {x.shape[1]}×{x.shape[2]})")
+
+
+def npz_split_file(path: Path, split: str) -> Path:
+    """The file an `npz:` path gives for a split: DIR/<split>.npz for a folder, the file itself
+    otherwise."""
+    if not path.is_dir():
+        return path
+    file = path / f"{split}.npz"
+    if not file.is_file():
+        raise UserInputError(f"npz:{path} has no {split}.npz; expected {NPZ_LAYOUT}")
+    return file

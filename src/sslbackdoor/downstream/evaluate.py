@@ -7,6 +7,8 @@ both are then tested on clean and triggered test inputs.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from sslbackdoor.downstream.probe import ProbeConfig, predict, train_probe
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.metrics import accuracy, attack_success_rate
 from sslbackdoor.models.encoders import Encoder
+
+LEAK_TOLERANCE_MAX = 10
 
 
 @dataclass
@@ -38,14 +42,61 @@ class TaskData:
 def load_task(dataset: str, image_size: int, *, root: str | Path | None = None,
               train_limit: int | None = None, test_limit: int | None = None,
               seed: int = 0, download: bool = False) -> TaskData:
+    """A task's train and test images; refused if they are (or overlap like) one split."""
+    check_two_splits(dataset)
     train = load_dataset(dataset, "train", image_size=image_size, root=root, limit=train_limit,
                          seed=seed, download=download)
     test = load_dataset(dataset, "test", image_size=image_size, root=root, limit=test_limit,
                         seed=seed, download=download)
     train_images, train_labels = dataset_tensors(train)
     test_images, test_labels = dataset_tensors(test)
+    check_split_leakage(dataset, train_images, test_images)
     return TaskData(dataset, list(train.classes), train_images, train_labels, test_images,
                     test_labels, {"train": train.provenance, "test": test.provenance})
+
+
+def check_two_splits(dataset: str) -> None:
+    """Refuse `npz:FILE` where a train and a test split are needed: both would be that file."""
+    from sslbackdoor.data.torchvision_sources import NPZ_LAYOUT
+
+    kind, _, arg = dataset.partition(":")
+    path = Path(arg).expanduser()
+    if kind == "npz" and path.is_file():
+        raise UserInputError(f"{dataset}: one .npz file is one split, and here a classifier is "
+                             f"trained on a train split and tested on a test split; expected "
+                             f"{NPZ_LAYOUT}")
+
+
+def image_hashes(images: torch.Tensor) -> list[bytes]:
+    """blake2b of each uint8 image's bytes (exact duplicates share a hash)."""
+    rows = images.contiguous().reshape(images.shape[0], -1).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def tolerated_overlap(test_size: int) -> int:
+    """Stray duplicates a train/test pair may share: 1% of the test set, at least 1, at most 10."""
+    return min(LEAK_TOLERANCE_MAX, max(1, test_size // 100))
+
+
+def check_split_leakage(name: str, train_images: torch.Tensor, test_images: torch.Tensor) -> int:
+    """Count test images whose exact pixels are also a training image: warn (one line) on
+    stray duplicates, refuse more than `tolerated_overlap`, since then CA/BA/ASR would be
+    measured partly on training images. Returns the count."""
+    if train_images.shape[0] == 0 or test_images.shape[0] == 0:
+        return 0
+    train = set(image_hashes(train_images))
+    overlap = sum(digest in train for digest in image_hashes(test_images))
+    tolerated = tolerated_overlap(test_images.shape[0])
+    where = (f"{name}: {overlap} of its {test_images.shape[0]} test images also appear in its "
+             f"{train_images.shape[0]} training images")
+    if overlap > tolerated:
+        raise UserInputError(f"{where}, more than the {tolerated} stray duplicate(s) tolerated "
+                             f"(1% of the test set, at least 1, at most {LEAK_TOLERANCE_MAX}); "
+                             f"the splits leak: give separate train and test data")
+    if overlap:
+        print(f"warning: {where} (identical pixels); tolerated as stray duplicates",
+              file=sys.stderr, flush=True)
+    return overlap
 
 
 def check_target_class(task: str, classes: Sequence[str], target_class: int) -> None:
