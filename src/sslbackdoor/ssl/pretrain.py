@@ -213,8 +213,11 @@ def load_pretrain_images(config: PretrainConfig) -> tuple[torch.Tensor, list[dic
 
 def load_monitor_data(config: PretrainConfig) -> tuple[LabeledImages, LabeledImages]:
     """The labelled (train bank, test) pair of the kNN monitor and linear probe."""
+    from sslbackdoor.downstream.evaluate import check_split_leakage, check_two_splits
+
     name, monitor = config.monitor_dataset(), config.monitor
     root = monitor.root or config.data_root
+    check_two_splits(name)
     sets = []
     splits: tuple[tuple[Split, int | None], ...] = (("train", monitor.bank_limit),
                                                     ("test", monitor.test_limit))
@@ -227,6 +230,7 @@ def load_monitor_data(config: PretrainConfig) -> tuple[LabeledImages, LabeledIma
                                  f"splits ({exc})") from None
         images, labels = dataset_tensors(dataset)
         sets.append(LabeledImages(images, labels, len(dataset.classes)))
+    check_split_leakage(f"monitor.dataset {name}", sets[0].images, sets[1].images)
     return sets[0], sets[1]
 
 
