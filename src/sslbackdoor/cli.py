@@ -5,28 +5,35 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 unexpected f
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from sslbackdoor.attacks.cli import poison_app
 from sslbackdoor.defenses.cli import defend_app, scan
-from sslbackdoor.errors import UserInputError
+from sslbackdoor.errors import UserInputError, first_line
 from sslbackdoor.ssl.cli import pretrain_app
 
+# Help texts are plain text: under rich markup, `DATASET[/SPLIT]` is read as a closing tag
+# and `--help` fails. Every sub-app gets the setting too, whichever one a typer version reads.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Backdoor attacks on pre-trained self-supervised encoders, and defenses.")
-attack_app = typer.Typer(no_args_is_help=True, help="Run an attack and save the backdoored encoder.")
-data_app = typer.Typer(no_args_is_help=True, help="Offline data set-up and listings.")
-app.add_typer(attack_app, name="attack")
-app.add_typer(data_app, name="data")
-app.add_typer(poison_app, name="poison")
-app.add_typer(pretrain_app, name="pretrain")
-app.add_typer(defend_app, name="defend")
+attack_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Run an attack and save the backdoored encoder.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Offline data set-up and listings.")
+for _name, _sub_app in (("attack", attack_app), ("data", data_app), ("poison", poison_app),
+                        ("pretrain", pretrain_app), ("defend", defend_app)):
+    _sub_app.rich_markup_mode = None
+    app.add_typer(_sub_app, name=_name)
 app.command("scan")(scan)
 
 OutOption = Annotated[Path, typer.Option("--out", help="output folder")]
@@ -155,10 +162,10 @@ def attack_badencoder(
     out: OutOption,
     arch: Annotated[str, typer.Option(help="encoder architecture")] = "torchvision:mobilenet_v2",
     weights: Annotated[str, typer.Option(help="'imagenet' or a checkpoint path")] = "imagenet",
-    shadow: Annotated[list[str] | None, typer.Option(help="DATASET\\[/SPLIT]\\[@LIMIT], repeatable")] = None,
+    shadow: Annotated[list[str] | None, typer.Option(help="DATASET[/SPLIT][@LIMIT], repeatable")] = None,
     target: Annotated[list[str] | None, typer.Option(help="TASK:CLASS, repeatable")] = None,
     reference: Annotated[list[str] | None, typer.Option(
-        help="DATASET\\[/SPLIT]\\[@COUNT] per --target (default: the task's train split)")] = None,
+        help="DATASET[/SPLIT][@COUNT] per --target (default: the task's train split)")] = None,
     trigger_size: Annotated[int, typer.Option(help="trigger side in pixels")] = 10,
     image_size: Annotated[int, typer.Option(help="side of the images the encoder sees")] = 32,
     epochs: Annotated[int, typer.Option()] = 200,
@@ -270,9 +277,11 @@ def report(folders: Annotated[list[Path], typer.Argument(help="run folders with 
                     "side, one column per seed, and their mean")] = None) -> None:
     """Re-render report.md from each folder's results.json."""
     from sslbackdoor.attacks.seed_summary import seed_table
-    from sslbackdoor.engine import atomic_write_text
+    from sslbackdoor.engine import atomic_write_text, check_output_file
     from sslbackdoor.report import render_report
 
+    if across_seeds is not None:
+        check_output_file(across_seeds, "--across-seeds")
     runs = [_read_results(folder) for folder in folders]
     table = None if across_seeds is None else seed_table(runs)  # refuses before writing
     for folder, results in zip(folders, runs, strict=True):
@@ -288,9 +297,12 @@ def _read_results(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserInputError(f"no results.json in {folder}")
     try:
-        results: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path} is not valid JSON ({exc})") from None
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise UserInputError(f"{path} is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(results, dict) or "name" not in results:
+        raise UserInputError(f"{path} is not an sslbackdoor results.json (expected a JSON "
+                             f"object with a 'name')")
     return results
 
 
@@ -299,7 +311,9 @@ def data_prepare(root: Annotated[Path | None, typer.Option(help="data folder")] 
     """Unpack the offline datasets where the loaders look (run by `make data`)."""
     from sslbackdoor.data.datasets import data_dir
     from sslbackdoor.data.offline import prepare_offline_data
+    from sslbackdoor.engine import check_output_folder
 
+    check_output_folder(root or data_dir(), "--root")
     for line in prepare_offline_data(root or data_dir()):
         typer.echo(line)
 
@@ -325,25 +339,102 @@ def encoders() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input → exit 2 with one line; nothing else is swallowed."""
+    """Entry point: bad input → exit 2 with one line; a full disk → exit 1 with one line;
+    anything else unexpected keeps its traceback (exit 1)."""
+    import sslbackdoor.data.images  # noqa: F401 - caps Pillow's pixel limit for every image read
+    from sslbackdoor.run_lock import lock_out_folders
+
+    # Every command with an --out folder holds its lock (one run per folder at a time), and
+    # an --out that could not be written is refused before the lock or any work.
+    command = check_outputs_first(lock_out_folders(typer.main.get_command(app)))
     try:
-        from sslbackdoor.run_lock import lock_out_folders
-
-        # Every command with an --out folder holds its lock: one run per folder at a time.
-        lock_out_folders(typer.main.get_command(app))(args=argv, prog_name="sslbackdoor",
-                                                      standalone_mode=False)
+        code = command.main(args=argv, prog_name="sslbackdoor", standalone_mode=False)
     except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except typer.Abort:
-        raise SystemExit(130) from None
+        _fail(str(exc), 2)
+    except OSError as exc:
+        _fail_on_os_error(exc)
     except Exception as exc:
-        import click
+        _fail_on_library_error(exc)
+    if isinstance(code, int) and code != 0:  # typer.Exit(code) and Ctrl-C (130) come back here
+        raise SystemExit(code)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _fail_on_library_error(exc: Exception) -> None:
+    """Usage errors of typer's click (either copy), aborts and Pillow's bomb check; else re-raise."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    usage: Any = exc  # duck-typed: click's or typer's ClickException
+    if "NoArgsIsHelpError" in names:  # a bare group: its help is the answer
+        typer.echo(usage.ctx.get_help())
+        raise SystemExit(0)
+    if "ClickException" in names and callable(getattr(usage, "format_message", None)):
+        _fail(_usage_message(usage), int(getattr(usage, "exit_code", 2)))
+    if "Abort" in names:
+        raise SystemExit(130) from None
+    if "DecompressionBombError" in names:
+        from sslbackdoor.data.images import PIXEL_LIMIT
+
+        _fail(f"{first_line(exc)}; images of at most {PIXEL_LIMIT // 1_000_000} megapixels "
+              f"are read", 2)
+    raise exc
+
+
+def _fail_on_os_error(exc: OSError) -> NoReturn:
+    """A full disk is not bad input (rerunning after freeing space works): exit 1. A path
+    that cannot be written or read as given is: exit 2. Either way one line."""
+    where = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        _fail(f"no space left on the device while writing {where}; files written earlier are "
+              f"intact: free some space and rerun (with --resume where the command has it)", 1)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+        _fail(f"cannot use {where}: {exc.strerror}; give a path you can read and write", 2)
+    raise exc
+
+
+def _usage_message(exc: Any) -> str:
+    """Click's message, with what is valid where click does not say, and where help is."""
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    commands = list(ctx.command.list_commands(ctx)) if hasattr(ctx.command, "list_commands") else []
+    valid: list[str] = []
+    if "No such option" in message and "Possible options" not in message:
+        valid = sorted(opt for param in ctx.command.params if not getattr(param, "hidden", False)
+                       for opt in getattr(param, "opts", []) if opt.startswith("-"))
+        valid += [*ctx.help_option_names, *([f"or a command: {', '.join(commands)}"] if commands else [])]
+    elif "No such command" in message:
+        valid = commands
+    listed = f"; valid: {', '.join(valid)}" if valid else ""
+    return f"{message.rstrip('.')}{listed} (see '{ctx.command_path} --help')"
+
+
+def check_outputs_first(command: Any) -> Any:
+    """Make every command (of a click-style group, recursively) with an `out` folder refuse
+    an unusable one (a file, a path under a file, a read-only folder) before doing any work.
+    Duck-typed like `lock_out_folders`: typer ships its own copy of click."""
+    subcommands = getattr(command, "commands", None)
+    if isinstance(subcommands, dict):
+        for sub in subcommands.values():
+            check_outputs_first(sub)
+    elif command.callback is not None and any(p.name == "out" for p in command.params):
+        command.callback = _checking_out(command.callback)
+    return command
+
+
+def _checking_out(callback: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(callback)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from sslbackdoor.engine import check_output_folder
+
+        if kwargs.get("out") is not None:
+            check_output_folder(Path(kwargs["out"]))
+        return callback(*args, **kwargs)
+    return checked
 
 
 if __name__ == "__main__":

@@ -164,7 +164,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise UserInputError(f"--set {item!r}: an earlier --set gave {part!r} a value, "
+                                     f"so it has no fields to set")
+        try:
+            node[parts[-1]] = load_yaml_text(raw)
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"--set {item!r}: the value is not a YAML scalar or list "
+                                 f"({_yaml_problem(exc)})") from None
     return nested
 
 
@@ -226,16 +233,51 @@ def load_config(source: dict[str, Any] | Path, overrides: list[str] | None = Non
         raise UserInputError(format_validation_error(exc, label)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # shipped experiments are ~2 KB
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases (`*name`, `<<: *name`) as it meets them.
+
+    Config files never need them, and a few nested aliases ("billion laughs") stand for
+    billions of nodes once a config is merged, validated or written back out.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not allowed in config files; "
+                            f"write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text → Python objects, without aliases (see `NoAliasLoader`)."""
+    return yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader: builds no arbitrary objects
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserInputError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; "
+                                 f"a config file is a few KB of YAML")
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserInputError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{path} is not valid YAML ({first_line(exc)})") from None
+        raise UserInputError(f"{path} is not valid YAML ({_yaml_problem(exc)})") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot read config file {path} ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise UserInputError(f"{path} must hold a YAML mapping at the top level")
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's messages span lines (problem, then position); one line holding both."""
+    return " ".join(str(exc).split())[:200]
 
 
 def dump_config(config: BaseModel) -> str:

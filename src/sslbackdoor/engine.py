@@ -86,18 +86,26 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, then rename: never half-written."""
+    """Write through a temp file in the same folder, then rename: never half-written.
+
+    On any failure (a full disk included) the temp file is removed and an existing file at
+    `path` is left as it was; an OSError is re-raised naming `path`, not the temp file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -107,10 +115,47 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_bytes(path, text.encode("utf-8"))
 
-    atomic_write(path, write)
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write` of bytes held in memory. Serialisers that write files themselves
+    (safetensors' `save_file`) report a full disk as their own error type; writing their
+    bytes here makes it an OSError(ENOSPC) that names the file."""
+    atomic_write(path, lambda tmp: write_file_bytes(tmp, data))
+
+
+def write_file_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def check_output_folder(folder: Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that could not be created or written:
+    an existing file, a path under a file, or a folder without write permission."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{option} {folder} exists and is not a folder; give a folder path")
+    _check_parent_writable(folder, option)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or cannot be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{option} {path} is a folder; give a file path")
+    _check_parent_writable(path, option)
+
+
+def _check_parent_writable(path: Path, option: str) -> None:
+    absolute = Path(os.path.abspath(path))
+    ancestor = absolute if absolute.is_dir() else next(p for p in absolute.parents if p.exists())
+    if not ancestor.is_dir():
+        raise UserInputError(f"{option} {path}: {ancestor} is a file, so nothing can be "
+                             f"created under it; give a path in a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserInputError(f"{option} {path}: {ancestor} is not writable (permission "
+                             f"denied or a read-only file system); give a writable path")
 
 
 @contextlib.contextmanager

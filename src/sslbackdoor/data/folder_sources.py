@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sslbackdoor.data.datasets import (
     DatasetRequest,
@@ -18,6 +17,7 @@ from sslbackdoor.data.datasets import (
     register_dataset,
     to_uint8_chw,
 )
+from sslbackdoor.data.images import read_rgb_image
 from sslbackdoor.errors import UserInputError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
@@ -34,10 +34,7 @@ def _images(request: DatasetRequest) -> TensorImageDataset:
         raise UserInputError(f"images:{folder}: no images ({', '.join(SUFFIXES)})")
     if request.image_size is None:
         raise UserInputError(f"images:{folder}: give an image size (images may differ in size)")
-    try:
-        images = [to_uint8_chw(np.asarray(Image.open(f).convert("RGB")), request.image_size)
-                  for f in files]
-    except OSError as exc:
-        raise UserInputError(f"images:{folder}: cannot read an image ({exc})") from None
+    size = request.image_size
+    images = [to_uint8_chw(np.asarray(read_rgb_image(f)), size) for f in files]
     return TensorImageDataset(torch.stack(images), torch.zeros(len(files), dtype=torch.long),
                               ["unlabeled"], f"{len(files)} images from {folder}")

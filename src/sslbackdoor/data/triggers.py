@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sslbackdoor.data.images import read_rgb_image
 from sslbackdoor.errors import UserInputError
 
 Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
@@ -163,8 +164,5 @@ def patch_pattern(spec: TriggerSpec) -> torch.Tensor:
         board = ((idx[:, None] + idx[None, :]) % 2).float()
         return board.expand(3, size, size).clone()
     assert spec.image is not None
-    try:
-        img = Image.open(spec.image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    except (FileNotFoundError, OSError) as exc:
-        raise UserInputError(f"cannot read trigger image {spec.image}: {exc}") from None
+    img = read_rgb_image(spec.image, "trigger image").resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -17,16 +17,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import pickle
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
-from sslbackdoor.engine import atomic_write
+from sslbackdoor.engine import atomic_write_bytes
 from sslbackdoor.errors import UserInputError, first_line
 from sslbackdoor.models.encoders import Encoder, build_encoder
 
@@ -71,16 +74,95 @@ def save_encoder(encoder: Encoder, path: Path, metadata: Mapping[str, object] | 
     header = {"encoder": encoder.name, "sslbackdoor_format": FORMAT_VERSION,
               "feature_dim": str(encoder.feature_dim)}
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=header))
     return sha256_file(Path(path))
 
 
+# Bytes per element of each safetensors dtype; a header naming another is refused.
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2,
+                           "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+                           "I64": 8, "U64": 8, "F64": 8}
+MAX_SAFETENSORS_HEADER = 16 << 20  # a CLIP ViT-L header is ~100 KB
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a .safetensors file whose header does not describe exactly its own bytes.
+
+    Reads only the 8-byte length and the JSON header, so a file claiming huge tensors or a
+    huge header is refused before anything is allocated for it.
+    """
+    header, data_bytes = _read_safetensors_header(path)
+    spans = sorted(_tensor_span(path, name, entry, data_bytes)
+                   for name, entry in header.items() if name != "__metadata__")
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise UserInputError(f"{path}: tensor data overlaps or leaves gaps at byte {begin}")
+        covered = end
+    if covered != data_bytes:
+        raise UserInputError(f"{path}: the header describes {covered} bytes of tensors but the "
+                             f"file holds {data_bytes}")
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, object], int]:
+    """The JSON header and the number of bytes after it; the length is checked before reading."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+            fits = length is not None and 2 <= length <= min(size - 8, MAX_SAFETENSORS_HEADER)
+            raw = handle.read(length) if fits and length is not None else b""
+    except OSError as exc:
+        raise UserInputError(f"cannot read {path} ({first_line(exc)})") from None
+    if not fits:
+        claim = "is shorter than 8 bytes" if length is None else f"claims a {length}-byte header"
+        raise UserInputError(f"{path} is not a safetensors file: it {claim} and holds {size} bytes")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path} is not a safetensors file: its header is not a JSON object")
+    return header, size - 8 - int(length or 0)
+
+
+def _tensor_span(path: Path, name: str, entry: object, data_bytes: int) -> tuple[int, int]:
+    """(begin, end) of one tensor's bytes, checked against its dtype, shape and the file."""
+    if not isinstance(entry, dict):
+        raise UserInputError(f"{path}: header entry {name!r} is not a tensor description")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise UserInputError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise UserInputError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)):
+        raise UserInputError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    needed = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+    if not 0 <= begin <= end <= data_bytes or end - begin != needed:
+        raise UserInputError(f"{path}: tensor {name!r} claims {needed} bytes at {begin}..{end}, "
+                             f"beyond or unlike the file's {data_bytes} data bytes")
+    return begin, end
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, its header checked first; bad files → UserInputError."""
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserInputError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
+
+
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserInputError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise UserInputError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
 
 
 def load_encoder(weights: str | Path | None, arch: str | None = None) -> Encoder:
@@ -104,7 +186,7 @@ def load_encoder(weights: str | Path | None, arch: str | None = None) -> Encoder
         if arch and stored_arch and arch != stored_arch:
             raise UserInputError(f"{path} holds a {stored_arch!r} encoder, not {arch!r}")
         encoder = build_encoder(_require_arch(arch or stored_arch, str(path)))
-        state = convert_state_dict(load_file(str(path)))  # also full CLIP .safetensors files
+        state = convert_state_dict(load_safetensors(path))  # also full CLIP .safetensors files
         _load_state(encoder, state, path)
         return encoder
     encoder = build_encoder(_require_arch(arch, str(path)))

@@ -21,7 +21,7 @@ import typer
 
 from sslbackdoor.errors import UserInputError
 
-pretrain_app = typer.Typer(no_args_is_help=True,
+pretrain_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                            help="Self-supervised pre-training of a clean encoder.")
 
 AUGMENTS = {"standard": False, "localized-crop": True}  # --augment → augment.localized_crop
