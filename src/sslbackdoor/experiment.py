@@ -150,7 +150,8 @@ def run_attack_stage(config: ExperimentConfig, out_dir: Path, resume: bool = Fal
                             resume=resume)
         path = out_dir / "backdoored_encoder.safetensors"
         sha = save_encoder(result.encoder, path, {"config_hash": config_hash(config),
-                                                  "targets": [t.name for t in prepared.targets]})
+                                                  "targets": [t.name for t in prepared.targets],
+                                                  "image_size": str(config.image_size)})
     return AttackStage(prepared, attack, result, path, sha)
 
 
