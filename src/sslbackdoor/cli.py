@@ -153,8 +153,17 @@ def run(experiment: Annotated[str | None, typer.Argument(help="shipped name or Y
         return
     if out is None and not dry:
         raise UserInputError("--out DIR is required to run an experiment (or pass --dry-run)")
+    _check_data_root(data_root, download)
     _run_config(resolve_experiment(experiment), None if dry else out, set_ or [], device, quiet,
                 resume, download, data_root, scale)
+
+
+def _check_data_root(data_root: Path | None, download: bool) -> None:
+    """A data root must be a folder; one that does not exist only makes sense to download into."""
+    if data_root is None or data_root.is_dir() or (download and not data_root.exists()):
+        return
+    problem = "is not a folder" if data_root.exists() else "does not exist (pass --download to fetch into it)"
+    raise UserInputError(f"--data-root {data_root} {problem}; give the folder that holds the datasets")
 
 
 @attack_app.command("badencoder")
