@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sslbackdoor.cli import main
 from sslbackdoor.defenses.cli import parse_source
@@ -30,6 +32,22 @@ def test_scan_rejects_a_threshold_outside_zero_one(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli(["scan", str(tmp_path / "x.safetensors"), "--threshold", "1.5"], capsys)
     assert code == 2 and "--threshold" in err and err.strip().count("\n") == 0
+
+
+def test_scan_says_which_image_size_and_shadow_set_it_used(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from sslbackdoor.models.checkpoints import save_encoder
+    from sslbackdoor.models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "encoder.safetensors"
+    save_encoder(build_encoder("convnet:2"), checkpoint, {"image_size": "16"})
+    main(["scan", str(checkpoint), "--shadow", "natural-crops/train@6", "--epochs", "1",
+          "--device", "cpu", "--out", str(tmp_path / "out")])
+    said = capsys.readouterr().out
+    assert "at 16 px (recorded in the checkpoint)" in said and "natural-crops/train@6 (--shadow)" in said
+    summary = json.loads((tmp_path / "out" / "decree.json").read_text())
+    assert summary["image_size"] == [16, 16] and summary["shadow"] == "natural-crops/train@6"
 
 
 def test_neural_cleanse_rejects_an_unknown_mitigation(tmp_path: Path,

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sslbackdoor.errors import UserInputError
+
+if TYPE_CHECKING:
+    from sslbackdoor.defenses.decree import ScanInputs
 
 defend_app = typer.Typer(no_args_is_help=True,
                          help="Run a defense against a (suspect) encoder.")
@@ -31,6 +34,7 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")
 TrainLimitOption = Annotated[int | None, typer.Option("--train-limit")]
 TestLimitOption = Annotated[int | None, typer.Option("--test-limit")]
 DEFAULT_SHADOW = "natural-crops/unlabeled@500"  # unlabeled photos that install offline
+PL1_THRESHOLD_DEFAULT = 0.1  # decree.PL1_THRESHOLD, kept here so --help imports no torch
 
 
 def parse_source(text: str) -> tuple[str, str, int | None]:
@@ -191,35 +195,60 @@ def load_shadow_images(source: str, image_size: int, seed: int) -> Any:
 
 def scan(
     encoder: Annotated[Path, typer.Argument(help="suspect encoder checkpoint")],
-    shadow: Annotated[str, typer.Option(
-        "--shadow", help="unlabeled images DATASET[/SPLIT][@LIMIT]")] = DEFAULT_SHADOW,
+    shadow: Annotated[str | None, typer.Option(
+        "--shadow", help="unlabeled images DATASET[/SPLIT][@LIMIT] (default: a sample of the "
+                         "encoder's recorded pre-training data, else natural-crops/train@300)")] = None,
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("runs/scan"),
     arch: ArchOption = None,
-    image_size: ImageSizeOption = 32,
-    steps: Annotated[int, typer.Option("--steps", help="maximum inversion steps")] = 1000,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="side of the images (default: the checkpoint's recorded size, "
+                             "else 64 for torchvision CNNs, else the architecture's own)")] = None,
+    epochs: Annotated[int, typer.Option(
+        "--epochs", help="maximum epochs over the shadow images")] = 1000,
     threshold: Annotated[float, typer.Option(
-        "--threshold", help="flag when PL1 is below this")] = 0.1,
+        "--threshold", help="flag when PL1 is below this")] = PL1_THRESHOLD_DEFAULT,
     seed: SeedOption = 0, device: DeviceOption = "auto",
 ) -> None:
     """DECREE: is ENCODER backdoored? Inverts the smallest trigger that collapses its features."""
     from sslbackdoor.defenses.decree import DecreeConfig, decree_scan, write_decree_outputs
-    from sslbackdoor.defenses.inversion import InversionConfig
     from sslbackdoor.engine import resolve_device, seed_everything
     from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder
 
     if not 0 < threshold < 1:
         raise UserInputError(f"--threshold {threshold}: must be between 0 and 1")
+    if epochs < 1:
+        raise UserInputError(f"--epochs {epochs}: must be at least 1")
     torch_device = resolve_device(device)
     seed_everything(seed)
     model = load_encoder(encoder, arch)
-    images = load_shadow_images(shadow, image_size, seed)
+    inputs = _scan_inputs(encoder, model.name, model.default_image_size, shadow, image_size)
+    images = load_shadow_images(inputs.shadow, inputs.image_size, seed)
+    typer.echo(f"scanning {model.name} at {inputs.image_size} px ({inputs.size_reason}) on "
+               f"{images.shape[0]} shadow images {inputs.shadow} ({inputs.shadow_reason})")
+    defaults = DecreeConfig()
     config = DecreeConfig(pl1_threshold=threshold, max_images=max(2, images.shape[0]),
-                          inversion=InversionConfig(steps=steps, batch_size=64,
-                                                    early_stop_patience=50, penalty_channels=3))
+                          inversion=defaults.inversion.model_copy(update={"steps": epochs}))
     result = decree_scan(model, images, config, torch_device, seed=seed)
     write_decree_outputs(result, images, out,
-                         extra={"encoder": encoder_provenance(encoder, arch), "shadow": shadow})
+                         extra={"encoder": encoder_provenance(encoder, arch),
+                                "shadow": inputs.shadow, "shadow_reason": inputs.shadow_reason,
+                                "image_size_reason": inputs.size_reason})
     verdict = "BACKDOORED" if result.flagged else "clean"
     relation = "<" if result.pl1 < threshold else "≥"
     typer.echo(f"PL1 = {result.pl1:.4f} {relation} threshold {threshold} → {verdict}")
     typer.echo(f"wrote {out / 'decree.json'} and the inverted trigger images in {out}")
+
+
+def _scan_inputs(encoder: Path, arch: str, native_size: int, shadow: str | None,
+                 image_size: int | None) -> ScanInputs:
+    """The scan's ScanInputs: the user's choices where given, else the checkpoint's."""
+    from sslbackdoor.defenses.decree import ScanInputs, scan_inputs
+    from sslbackdoor.models.checkpoints import read_safetensors_metadata
+
+    if image_size is not None and image_size < 8:
+        raise UserInputError(f"--image-size {image_size}: must be at least 8")
+    metadata = read_safetensors_metadata(encoder) if encoder.suffix == ".safetensors" else {}
+    chosen = scan_inputs(arch, native_size, metadata)
+    return ScanInputs(image_size or chosen.image_size, shadow or chosen.shadow,
+                      "--image-size" if image_size else chosen.size_reason,
+                      "--shadow" if shadow else chosen.shadow_reason)

@@ -9,7 +9,14 @@ trigger, early stop — is here once; a defense supplies only
 * an `InversionObjective`: the attack loss on a batch of stamped images and its success
   test, and
 * a `CostSchedule`: how the weight c of the ‖m‖₁ penalty moves after successes/failures
-  and when to stop.
+  and when to stop (and, optionally, the learning rate of each epoch).
+
+Two drivers share one Adam update (`_optimise_batch`) and one bookkeeping of the best
+trigger (`_Best`): `invert_trigger` works in steps of `batches_per_step` mini-batches whose
+mean score decides success (Neural Cleanse's reference); `invert_trigger_by_epoch` works as
+DECREE's reference does: epochs that pass once over the shuffled images (the last, smaller
+batch included), with success, the best mask and the cost updated after every mini-batch
+and the stopping rule tested at the end of each epoch on the epoch's mean score.
 
 Parameterisation: m = tanh(m')/(2−ε) + 0.5 (and Δ likewise), so both stay in (0,1)
 without clipping and gradients never vanish at the bounds. Optimiser: Adam, lr 0.1,
@@ -100,6 +107,10 @@ class CostSchedule(ABC):
     def should_stop(self, steps_since_improvement: int, success: bool) -> bool:
         """Stop early, given how long the best successful mask has not shrunk."""
 
+    def learning_rate(self, epoch: int, base: float) -> float:
+        """The optimiser's learning rate in `epoch` (0-based); `invert_trigger_by_epoch` only."""
+        return base
+
 
 @dataclass
 class InversionResult:
@@ -151,17 +162,7 @@ def invert_trigger(images: torch.Tensor, objective: InversionObjective, schedule
         schedule: the defense's cost schedule (mutated: it is per-search state).
         seed: seeds the mask/pattern initialisation and the batch order.
     """
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 2:
-        raise UserInputError(f"trigger inversion needs at least 2 images [N,3,H,W], got "
-                             f"{tuple(images.shape)}")
-    generator = torch.Generator().manual_seed(seed)
-    data = to_device_images(images, device)
-    height, width = data.shape[-2:]
-    # Random start in (0,1) as Neural Cleanse does; a seeded generator keeps it reproducible.
-    mask_raw = unsquash(torch.rand(1, height, width, generator=generator)).to(device)
-    pattern_raw = unsquash(torch.rand(3, height, width, generator=generator)).to(device)
-    mask_raw.requires_grad_(True)
-    pattern_raw.requires_grad_(True)
+    data, mask_raw, pattern_raw, generator = _start(images, device, seed)
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=config.betas)
     batches = _Batches(data, config.batch_size, generator)
     best = _Best()
@@ -190,17 +191,94 @@ def _optimise_step(mask_raw: torch.Tensor, pattern_raw: torch.Tensor, batches: _
     mask [1,H,W] / pattern [3,H,W] those were measured with."""
     scores, norms = [], []
     for _ in range(config.batches_per_step):
-        mask, pattern = squash(mask_raw), squash(pattern_raw)
-        with autocast(device, config.precision == "bf16"):
-            attack_loss, score = objective.attack_loss(stamp(batches.next(), mask, pattern))
-        l1 = mask.sum()
-        loss = attack_loss.float() + cost * config.penalty_channels * l1
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        score, l1, mask, pattern = _optimise_batch(mask_raw, pattern_raw, batches.next(),
+                                                   objective, cost, optimizer, config, device)
         scores.append(score)
-        norms.append(float(l1.detach()))
-    return sum(scores) / len(scores), sum(norms) / len(norms), mask.detach(), pattern.detach()
+        norms.append(l1)
+    return sum(scores) / len(scores), sum(norms) / len(norms), mask, pattern
+
+
+def _optimise_batch(mask_raw: torch.Tensor, pattern_raw: torch.Tensor, batch: torch.Tensor,
+                    objective: InversionObjective, cost: float,
+                    optimizer: torch.optim.Optimizer, config: InversionConfig,
+                    device: torch.device) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """One Adam update on one mini-batch [B,3,H,W]; returns the score and ‖m‖₁ measured
+    before the update and the mask [1,H,W] / pattern [3,H,W] they were measured with."""
+    mask, pattern = squash(mask_raw), squash(pattern_raw)
+    with autocast(device, config.precision == "bf16"):
+        attack_loss, score = objective.attack_loss(stamp(batch, mask, pattern))
+    l1 = mask.sum()
+    loss = attack_loss.float() + cost * config.penalty_channels * l1
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return score, float(l1.detach()), mask.detach(), pattern.detach()
+
+
+def epoch_batches(count: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Indices of one shuffled pass over `count` images in batches of `batch_size`, the last
+    one smaller (as a DataLoader without drop_last); a last batch of one image, which has no
+    pair to compare, joins the batch before it."""
+    order = torch.randperm(count, generator=generator)
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and chunks[-1].numel() < 2:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+def invert_trigger_by_epoch(images: torch.Tensor, objective: InversionObjective,
+                            schedule: CostSchedule, config: InversionConfig,
+                            device: torch.device, seed: int = 0,
+                            label: str = "") -> InversionResult:
+    """Like `invert_trigger`, but in DECREE's reference rhythm: `config.steps` is the
+    maximum number of epochs over `images`; success, the best mask and the cost are
+    updated after every mini-batch; `schedule.learning_rate` sets each epoch's learning
+    rate; the stopping rule sees the epoch's mean score. `InversionResult.steps` counts
+    mini-batches."""
+    data, mask_raw, pattern_raw, generator = _start(images, device, seed)
+    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=config.betas)
+    best = _Best()
+    batches = 0
+    for epoch in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.learning_rate(epoch, config.lr)
+        scores = []
+        for index in epoch_batches(data.shape[0], config.batch_size, generator):
+            score, l1, mask, pattern = _optimise_batch(mask_raw, pattern_raw,
+                                                       data[index.to(data.device)], objective,
+                                                       schedule.cost, optimizer, config, device)
+            success = objective.is_success(score)
+            best.offer(success, l1, score, mask, pattern)
+            schedule.update(success)
+            scores.append(score)
+            batches += 1
+        mean_score = sum(scores) / len(scores)
+        if config.log_every and (epoch + 1) % config.log_every == 0:
+            best.history.append({"epoch": epoch + 1, "cost": schedule.cost, "l1": l1,
+                                 "score": mean_score, "best_l1": best.l1})
+            log(f"  inversion {label} epoch {epoch + 1}: cost={schedule.cost:.2e} l1={l1:.1f} "
+                f"score={mean_score:.3f} best={best.l1:.1f}")
+        if schedule.should_stop(best.steps_since_improvement, objective.is_success(mean_score)):
+            break
+    return best.result(squash(mask_raw), squash(pattern_raw), batches, schedule.cost)
+
+
+def _start(images: torch.Tensor, device: torch.device,
+           seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+    """Checked images on `device` and a seeded random start: (images, mask', Δ', generator)."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 2:
+        raise UserInputError(f"trigger inversion needs at least 2 images [N,3,H,W], got "
+                             f"{tuple(images.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    data = to_device_images(images, device)
+    height, width = data.shape[-2:]
+    # Random start in (0,1) as Neural Cleanse and DECREE do; a seeded generator keeps it
+    # reproducible.
+    mask_raw = unsquash(torch.rand(1, height, width, generator=generator)).to(device)
+    pattern_raw = unsquash(torch.rand(3, height, width, generator=generator)).to(device)
+    mask_raw.requires_grad_(True)
+    pattern_raw.requires_grad_(True)
+    return data, mask_raw, pattern_raw, generator
 
 
 class _Best:
