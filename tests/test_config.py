@@ -74,3 +74,45 @@ def test_malformed_override_and_yaml(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(UserInputError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+BILLION_LAUGHS = "\n".join(
+    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
+    + ["name: *i"])  # 9^9 ≈ 387 million strings once expanded
+
+
+@pytest.mark.parametrize("text", [
+    BILLION_LAUGHS,
+    "base: &base {epochs: 1}\nattack:\n  <<: *base\n",  # a merge key is an alias too
+])
+def test_yaml_aliases_are_refused_without_expanding(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "laughs.yaml"
+    path.write_text(text)
+    with pytest.raises(UserInputError, match=r"aliases \(\*\w+\) are not allowed") as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_oversized_and_unreadable_config_files_are_one_line(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    with pytest.raises(UserInputError, match="larger than 1 MiB"):
+        load_config(big)
+    with pytest.raises(UserInputError, match="cannot read config file"):
+        load_config(tmp_path)  # a folder
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserInputError, match="is not valid YAML"):
+        load_config(binary)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["attack.lr=[1"], "not a YAML scalar or list"),
+    (["name=*x"], "not a YAML scalar or list"),
+    (["attack=1", "attack.lr=2"], "has no fields to set"),
+])
+def test_bad_override_values_are_one_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserInputError, match=message) as info:
+        parse_overrides(overrides)
+    assert "\n" not in str(info.value)

@@ -387,8 +387,8 @@ def _fail_on_library_error(exc: Exception) -> None:
     if "DecompressionBombError" in names:
         from sslbackdoor.data.images import PIXEL_LIMIT
 
-        _fail(f"{first_line(exc)}; images of at most {PIXEL_LIMIT // 1_000_000} megapixels "
-              f"are read", 2)
+        _fail(f"{first_line(exc).rstrip('.')}; images of at most {PIXEL_LIMIT // 1_000_000} "
+              f"megapixels are read", 2)
     raise exc
 
 

@@ -76,3 +76,13 @@ def test_bad_reference_npz_is_one_clear_error(tmp_path) -> None:
     np.savez(path, t=np.zeros((1, 32, 32, 3)))
     with pytest.raises(UserInputError, match="keys 't' and 'tm'"):
         Trigger.from_reference_npz(path)
+
+
+def test_a_trigger_image_claiming_gigapixels_is_one_line(tmp_path) -> None:
+    from tests.data.test_images import png_header
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(100_000, 100_000))
+    with pytest.raises(UserInputError, match=r"cannot read trigger image .*megapixels") as info:
+        Trigger.from_spec(TriggerSpec(size=4, pattern="image", image=path), 16)
+    assert "\n" not in str(info.value)

@@ -1,11 +1,15 @@
+import json
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from sslbackdoor.errors import UserInputError
+from sslbackdoor.models import checkpoints
 from sslbackdoor.models.checkpoints import (
     KNOWN_WEIGHTS,
     load_encoder,
@@ -133,3 +137,52 @@ def test_pinned_mobilenet_weights_are_verified_and_load() -> None:
     with torch.no_grad():
         logits = classifier(encoder.eval()(x))
     assert 243 in logits.topk(5).indices[0].tolist()
+
+
+def safetensors_bytes(header: object, data: bytes = b"", length: int | None = None) -> bytes:
+    """A .safetensors file: 8-byte little-endian header length, JSON header, tensor bytes."""
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+HOSTILE_SAFETENSORS = {
+    "header length beyond the file": safetensors_bytes({}, length=2**62),
+    "header length beyond the limit": safetensors_bytes({}, b"\0" * 64, length=(16 << 20) + 1),
+    "shape beyond the file": safetensors_bytes(
+        {"w": {"dtype": "F32", "shape": [100_000, 100_000], "data_offsets": [0, 4 * 10**10]},
+         "__metadata__": {"encoder": "convnet-small"}}, b"\0" * 16),
+    "offsets beyond the file": safetensors_bytes(
+        {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+    "shape overflowing 64 bits": safetensors_bytes(
+        {"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "overlapping tensors": safetensors_bytes(
+        {"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+         "b": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}, b"\0" * 16),
+    "unknown dtype": safetensors_bytes({"w": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}},
+                                       b"\0" * 16),
+    "header not an object": safetensors_bytes([1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_SAFETENSORS)
+def test_a_safetensors_header_claiming_too_much_is_refused_before_loading(
+        tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(HOSTILE_SAFETENSORS[name])
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the header should have been refused before loading")
+
+    monkeypatch.setattr(checkpoints, "load_file", must_not_load)
+    monkeypatch.setattr(checkpoints, "safe_open", must_not_load)
+    with pytest.raises(UserInputError) as info:
+        load_encoder(path, "convnet-small")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_header_check_accepts_real_files(tmp_path: Path) -> None:
+    path = tmp_path / "tensors.safetensors"
+    tensors = {"a": torch.zeros(3), "b": torch.ones(2, 2, dtype=torch.bfloat16), "empty": torch.zeros(0)}
+    save_file(tensors, str(path), metadata={"k": "v"})
+    checkpoints.check_safetensors_header(path)
+    assert sorted(checkpoints.load_safetensors(path)) == ["a", "b", "empty"]

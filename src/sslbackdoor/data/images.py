@@ -1,9 +1,9 @@
 """Reading user-supplied image files: bounded pixel counts, one line for any bad file.
 
 A PNG or JPEG header can claim any size (100000×100000 is 30 GB of RGB once decoded), so
-the claimed size is checked before a pixel is decoded. Importing this module also lowers
-Pillow's own decompression-bomb limit for the whole process, so a direct `Image.open`
-elsewhere refuses such files too (Pillow raises past twice `MAX_IMAGE_PIXELS`).
+the claimed size is checked before a pixel is decoded. Importing this module (the CLI does)
+also lowers Pillow's own decompression-bomb limit for the whole process, so that a direct
+`Image.open` elsewhere refuses the same files with `DecompressionBombError`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from sslbackdoor.errors import UserInputError, first_line
 
 # 40 megapixels: above any camera photo or 8K frame (33 MP), ~120 MB decoded as RGB.
 PIXEL_LIMIT = 40_000_000
-Image.MAX_IMAGE_PIXELS = PIXEL_LIMIT
+# Pillow raises past twice MAX_IMAGE_PIXELS (and only warns past it).
+Image.MAX_IMAGE_PIXELS = PIXEL_LIMIT // 2
 
 # What Pillow raises for files it cannot decode varies by format plugin.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
@@ -37,9 +38,8 @@ def read_rgb_image(path: Path, what: str = "image") -> Image.Image:
                 return image.convert("RGB")
     except UserInputError:
         raise
-    except Image.DecompressionBombError:
-        raise UserInputError(f"cannot read {what} {path}: it claims more than "
-                             f"{2 * PIXEL_LIMIT // 1_000_000} megapixels; {_LIMIT_TEXT}") from None
+    except Image.DecompressionBombError as exc:
+        raise UserInputError(f"cannot read {what} {path}: {first_line(exc).rstrip('.')}; {_LIMIT_TEXT}") from None
     except _DECODE_ERRORS as exc:
         raise UserInputError(f"cannot read {what} {path}: not a readable image "
                              f"({first_line(exc)})") from None
