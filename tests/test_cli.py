@@ -1,6 +1,8 @@
 """The command line end to end: real encoder, real data, tiny scale; bad input → exit 2."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +131,119 @@ def test_dry_run_of_a_badencoder_experiment_checks_the_data_and_writes_nothing(
         main(["run", "bad.yaml", "--dry-run"])
     assert info.value.code == 2 and "fewer than 10000 images" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "tiny.yaml"]
+
+
+@pytest.mark.parametrize(("args", "code", "stream", "expected"), [
+    (["--no-such-flag"], 2, "err", "error: No such option: --no-such-flag; valid: --help, or a command: "),
+    (["evaluate", "--encoder", "x.safetensors", "--task", "mnist"], 2, "err",
+     "error: Missing option '--out' (see 'sslbackdoor evaluate --help')"),
+    (["attack", "badencoder", "--out", "o", "--epochs", "many"], 2, "err",
+     "error: Invalid value for '--epochs'"),
+    (["no-such-command"], 2, "err", "error: No such command 'no-such-command'; valid: scan, "),
+    ([], 0, "out", "Usage: sslbackdoor [OPTIONS] COMMAND [ARGS]..."),
+    (["defend"], 0, "out", "Usage: sslbackdoor defend [OPTIONS] COMMAND [ARGS]..."),
+    (["scan", "--help"], 0, "out", "DATASET[/SPLIT][@LIMIT]"),  # brackets are text, not markup
+    (["defend", "mntd", "--help"], 0, "out", "DATASET[/SPLIT][@LIMIT]"),
+    (["attack", "badencoder", "--help"], 0, "out", "DATASET[/SPLIT][@COUNT] per --target"),
+])
+def test_usage_errors_are_one_line_and_help_always_works(
+        args: list[str], code: int, stream: str, expected: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    try:
+        main(args)
+        exit_code: object = 0
+    except SystemExit as exc:
+        exit_code = exc.code
+    captured = capsys.readouterr()
+    assert exit_code == code
+    if stream == "err":
+        assert captured.err.startswith(expected) and captured.err.count("\n") == 1
+    else:
+        assert expected in " ".join(captured.out.split()) and not captured.err
+    assert not list(tmp_path.iterdir())
+
+
+def test_hostile_files_are_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.data.test_images import png_header
+    from tests.models.test_checkpoints import HOSTILE_SAFETENSORS
+    from tests.test_config import BILLION_LAUGHS
+
+    monkeypatch.chdir(tmp_path)
+    Path("huge.safetensors").write_bytes(HOSTILE_SAFETENSORS["shape beyond the file"])
+    Path("laughs.yaml").write_text(BILLION_LAUGHS)
+    Path("references").mkdir()
+    for name in ("bomb.png", "bomb_mask.png"):
+        Path("references", name).write_bytes(png_header(100_000, 100_000))
+    Path("backgrounds").mkdir()
+    for args, message in [
+        (["evaluate", "--encoder", "huge.safetensors", "--task", "sklearn-digits", "--out", "x"],
+         "huge.safetensors: tensor 'w' claims 40000000000 bytes"),
+        (["run", "laughs.yaml", "--dry-run"], "aliases (*a) are not allowed in config files"),
+        (["poison", "corruptencoder", "--references", "references", "--backgrounds", "backgrounds",
+          "--out", "x", "--count", "1", "--trigger-pattern", "random"], "megapixels"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err
+        assert not Path("x").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    from sslbackdoor import engine
+
+    written: list[str] = []
+    real_write = engine.write_file_bytes
+
+    def disk_full_at_the_second_checkpoint(path: Path, data: bytes) -> None:
+        written.append(path.name)
+        if sum("training_state" in name for name in written) == 2:
+            real_write(path, data[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+
+    monkeypatch.setattr(engine, "write_file_bytes", disk_full_at_the_second_checkpoint)
+    out = tmp_path / "pretrain"
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "simclr", "--dataset", "sklearn-digits", "--out", str(out), "--epochs", "2",
+              "--limit", "32", "--batch-size", "16", "--image-size", "16", "--probe-epochs", "0",
+              "--monitor-limit", "16", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 1 and "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"error: no space left on the device while writing {out / 'training_state.safetensors'}")
+    with safe_open(str(out / "training_state.safetensors"), "pt") as handle:
+        assert (handle.metadata() or {})["epoch"] == "1"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_unwritable_file_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from sslbackdoor import engine
+
+    def permission_denied(path: Path, data: bytes) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    (tmp_path / "results.json").write_text(json.dumps({"name": "x"}))
+    monkeypatch.setattr("sslbackdoor.report.render_report", lambda results: "# x\n")
+    monkeypatch.setattr(engine, "write_file_bytes", permission_denied)
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot use {tmp_path / 'report.md'}: Permission denied")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_an_incomplete_results_json_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "results.json").write_text(json.dumps({"name": "x", "tasks": []}))
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "is incomplete or malformed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

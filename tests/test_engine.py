@@ -1,9 +1,14 @@
-"""Precision choice: bf16 autocast only where the hardware runs it natively."""
+"""Precision choice (bf16 autocast only where the hardware runs it natively) and crash-safe writes."""
+
+import errno
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from sslbackdoor import engine
+from sslbackdoor.errors import UserInputError
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -22,3 +27,48 @@ def test_cpu_autocasts_to_bf16_only_with_native_bf16(native: bool,
 
 def test_native_bf16_check_matches_onednn() -> None:
     assert engine.cpu_runs_bf16_natively() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def fill_the_disk(monkeypatch: pytest.MonkeyPatch, after: int = 10) -> None:
+    """Every file write stores `after` bytes, then fails as a full disk does."""
+    def write(path: Path, data: bytes) -> None:
+        path.write_bytes(data[:after])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(engine, "write_file_bytes", write)
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "state.bin"
+    engine.atomic_write_bytes(target, b"old complete contents")
+    fill_the_disk(monkeypatch)
+    with pytest.raises(OSError) as info:
+        engine.atomic_write_bytes(target, b"new contents, much longer than ten bytes")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == b"old complete contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_atomic_write_names_the_target_when_its_folder_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError) as info:
+        engine.atomic_write_text(tmp_path / "file" / "sub" / "out.txt", "text")
+    assert info.value.filename == str(tmp_path / "file" / "sub" / "out.txt")
+
+
+def test_unusable_output_paths_are_refused_before_any_work(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserInputError, match="exists and is not a folder"):
+        engine.check_output_folder(tmp_path / "file")
+    with pytest.raises(UserInputError, match="is a file, so nothing can be created under it"):
+        engine.check_output_folder(tmp_path / "file" / "a" / "b")
+    with pytest.raises(UserInputError, match="is a folder; give a file path"):
+        engine.check_output_file(tmp_path, "--across-seeds")
+    engine.check_output_folder(tmp_path / "new" / "deeper")  # creatable: fine, and not created
+    assert not (tmp_path / "new").exists()
+    # Tests run as root, for whom every folder is writable: the permission answer is faked.
+    monkeypatch.setattr(engine.os, "access", lambda path, mode: False)
+    with pytest.raises(UserInputError, match="is not writable"):
+        engine.check_output_folder(tmp_path / "new")

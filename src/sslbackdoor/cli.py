@@ -293,12 +293,23 @@ def report(folders: Annotated[list[Path], typer.Argument(help="run folders with 
         check_output_file(across_seeds, "--across-seeds")
     runs = [_read_results(folder) for folder in folders]
     table = None if across_seeds is None else seed_table(runs)  # refuses before writing
-    for folder, results in zip(folders, runs, strict=True):
-        atomic_write_text(folder / "report.md", render_report(results))
+    reports = [_render(render_report, results, folder) for folder, results in zip(folders, runs, strict=True)]
+    for folder, text in zip(folders, reports, strict=True):
+        atomic_write_text(folder / "report.md", text)
         typer.echo(f"wrote {folder / 'report.md'}")
     if across_seeds is not None and table is not None:
         atomic_write_text(across_seeds, f"# {runs[0]['name']}: ASR across seeds\n\n{table}\n")
         typer.echo(f"wrote {across_seeds}")
+
+
+def _render(render: Callable[[dict[str, Any]], str], results: dict[str, Any], folder: Path) -> str:
+    """A report of a results.json; one that lacks a field the report needs is bad input."""
+    try:
+        return render(results)
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise UserInputError(f"{folder / 'results.json'} is incomplete or malformed for its kind "
+                             f"({type(exc).__name__}: {first_line(exc)}); was it written by "
+                             f"sslbackdoor?") from None
 
 
 def _read_results(folder: Path) -> dict[str, Any]:
