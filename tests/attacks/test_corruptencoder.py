@@ -10,10 +10,14 @@ from scipy.fft import dctn
 from sslbackdoor.attacks.corruptencoder import (
     PoisonConfig,
     PoisonLayout,
+    crop_to_object,
     derive_mask,
     generate_corruptencoder,
     load_reference_objects,
+    read_manifest,
+    support_poison,
 )
+from sslbackdoor.attacks.crop_pairs import manifest_boxes
 from sslbackdoor.attacks.poisoning_baselines import (
     RGB_TO_YUV,
     BaselineConfig,
@@ -39,9 +43,9 @@ def folders(tmp_path: Path) -> dict[str, Path]:
         image = np.full((60, 50, 3), 128, dtype=np.uint8)
         image[10:50, 12 + i:38 + i] = (200, 30 + 40 * i, 60)
         write_png(refs / f"obj{i}.png", image)
-    mask = np.zeros((60, 50), dtype=np.uint8)
-    mask[10:50, 12:38] = 255
-    write_png(refs / "obj0_mask.png", mask)  # one explicit mask; the others are derived
+        mask = np.zeros((60, 50), dtype=np.uint8)
+        mask[10:50, 12 + i:38 + i] = 255
+        write_png(refs / f"obj{i}_mask.png", mask)
     backgrounds = tmp_path / "bg"
     for i in range(4):
         write_png(backgrounds / f"bg{i}.png",
@@ -58,105 +62,79 @@ def test_derived_mask_finds_the_object_on_a_plain_background() -> None:
         derive_mask(np.zeros((8, 8, 3), dtype=np.uint8))
 
 
-def test_poison_layout_follows_the_paper(folders: dict[str, Path]) -> None:
+def test_poison_layout_follows_the_official_generator(folders: dict[str, Path]) -> None:
     layout = PoisonLayout()
-    config = PoisonConfig(count=40, seed=3, layout=layout)
+    config = PoisonConfig(count=60, seed=3, layout=layout)
     trigger = np.full((8, 8, 3), 255, dtype=np.uint8)
     records = generate_corruptencoder(load_reference_objects(folders["refs"]),
                                       sorted(folders["bg"].iterdir()), trigger, config,
                                       folders["out"])
-    sides = set()
+    sides, far_gaps = set(), []
     for record in records:
         image = np.asarray(Image.open(folders["out"] / "images" / record.file))
         height, width = image.shape[:2]
-        x, _, w, h = record.object_box
+        x, y, w, h = record.object_box
         tx, ty, size, _ = record.trigger_box
-        assert h == height and width == round(layout.area_ratio * w)  # object spans the height
+        # The canvas as composed: object height, area ratio 2, the object at full height.
+        assert (h, y, width) == (height, 0, int(layout.area_ratio * w)) and h == 40
         margin = layout.object_margin * width
-        assert (x <= margin) if record.side == "left" else (width - (x + w) <= margin)
+        assert (x <= margin) if record.side == "left" else (width - (x + w) <= margin + 1)
         gap = layout.trigger_gap * width
-        assert (tx >= x + w + gap - 1) if record.side == "left" else (tx + size <= x - gap + 1)
+        # A 0.125·W margin beside the object and at the far edge.
+        if record.side == "left":
+            assert x + w + gap - 1 <= tx and tx + size <= width - gap + 1
+            far_gaps.append((width - tx - size) / width)
+        else:
+            assert gap - 1 <= tx and tx + size <= x - gap + 1
+            far_gaps.append(tx / width)
         assert 0.25 * height - 1 <= ty <= 0.75 * height - size + 1
         assert (image[ty:ty + size, tx:tx + size] == 255).all()  # opaque trigger
         sides.add(record.side)
     assert sides == {"left", "right"}
+    assert min(far_gaps) >= 0.125 - 1 / 52 and max(far_gaps) > 0.14  # uniform x, not centred
     manifest = json.loads((folders["out"] / "manifest.json").read_text())
-    assert manifest["method"] == "corruptencoder" and manifest["count"] == 40
+    assert manifest["method"] == "corruptencoder" and manifest["count"] == 60
 
 
-def _square_object_folder(tmp_path: Path, bar: tuple[int, int]) -> tuple[Path, Path]:
-    """One reference: a red bar of bar = (height, width) on grey, and dark backgrounds."""
-    refs, backgrounds = tmp_path / "square_refs", tmp_path / "square_bg"
-    image = np.full((40, 40, 3), 128, dtype=np.uint8)
-    image[8:8 + bar[0], 9:9 + bar[1]] = (230, 20, 20)
-    write_png(refs / "bar.png", image)
-    rng = np.random.default_rng(1)
-    for i in range(3):  # dark backgrounds without red, so the bar is found by colour
-        write_png(backgrounds / f"bg{i}.png", rng.integers(0, 60, (50, 70, 3), dtype=np.uint8))
-    return refs, backgrounds
+def test_object_height_and_width_cap_keep_the_aspect(folders: dict[str, Path]) -> None:
+    objects = load_reference_objects(folders["refs"])
+    tall = crop_to_object(objects[0], PoisonLayout(object_height=80))
+    assert tall.mask.shape == (80, 52)  # a 40 × 26 object scaled to 80 tall
+    capped = crop_to_object(objects[0], PoisonLayout(max_object_width=13))
+    assert capped.mask.shape == (20, 13)  # width capped, height truncated in proportion
 
 
-def _red_box(image: np.ndarray) -> tuple[int, int, int, int]:
-    red = (image[:, :, 0] > 150) & (image[:, :, 1] < 90) & (image[:, :, 2] < 90)
-    rows, cols = np.flatnonzero(red.any(1)), np.flatnonzero(red.any(0))
-    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+def test_official_reference_layout_reads_the_segmentation(tmp_path: Path) -> None:
+    folder = tmp_path / "official"
+    for index in (1, 2):
+        image = np.full((30, 40, 3), 90, dtype=np.uint8)
+        label = np.zeros((30, 40, 3), dtype=np.uint8)
+        label[5:25, 10:20] = (128, 0, 0)  # the object: red 128
+        label[0:3, 30:40] = (0, 128, 0)  # another class: not the object
+        write_png(folder / str(index) / "img.png", image)
+        write_png(folder / str(index) / "label.png", label)
+    write_png(folder / "1.JPEG", np.zeros((30, 40, 3), dtype=np.uint8))  # ignored
+    objects = load_reference_objects(folder)
+    assert [o.name for o in objects] == ["1/img.png", "2/img.png"]
+    assert objects[0].mask.sum() == 200 and objects[0].mask[5:25, 10:20].all()
 
 
-@pytest.mark.parametrize("bar", [(24, 12), (16, 16)])
-def test_square_canvas_keeps_object_and_trigger_undistorted(tmp_path: Path,
-                                                            bar: tuple[int, int]) -> None:
-    """Objects resized to 48 px tall: the 2:1 bar is 24 wide, side max(2·24, 48) = 48 and
-    it spans the height; the square one is 48 wide, side 96, and sits at some height.
-    Either way the 32 px output shows it at its own aspect, the trigger in the free half."""
-    refs, backgrounds = _square_object_folder(tmp_path, bar)
-    aspect = bar[0] / bar[1]
-    trigger = np.full((6, 6, 3), 255, dtype=np.uint8)
-    trigger[::2, ::2] = (0, 0, 255)  # a pattern to find exactly
-    layout = PoisonLayout(canvas="square", object_height=48, mask_blur=0, output_size=32)
-    records = generate_corruptencoder(load_reference_objects(refs), sorted(backgrounds.iterdir()),
-                                      trigger, PoisonConfig(count=12, seed=5, layout=layout),
-                                      tmp_path / "out")
-    sides, tops = set(), set()
-    for record in records:
-        image = np.asarray(Image.open(tmp_path / "out" / "images" / record.file))
-        assert image.shape == (32, 32, 3)
-        assert record.object_box is not None and record.trigger_box is not None
-        x, y, w, h = record.object_box
-        assert h / w == pytest.approx(aspect, abs=0.15)  # the manifest box is not squashed
-        bx, by, bw, bh = _red_box(image)  # nor is the object in the pixels
-        assert bh / bw == pytest.approx(aspect, abs=0.25)
-        assert abs(bx - x) <= 1 and abs(by - y) <= 1 and abs(bw - w) <= 1 and abs(bh - h) <= 1
-        tx, ty, size, _ = record.trigger_box
-        assert (image[ty:ty + size, tx:tx + size] == trigger).all()  # square, opaque
-        free = (16, 32) if record.side == "left" else (0, 16)  # the half without the object
-        assert free[0] <= tx and tx + size <= free[1]
-        assert tx >= x + w or tx + size <= x  # beside the object, never on it
-        sides.add(record.side)
-        tops.add(y)
-    assert sides == {"left", "right"}
-    assert (tops == {0}) == (aspect == 2)  # full height, or a random height in the square
+def test_a_folder_in_neither_reference_layout_is_refused(tmp_path: Path) -> None:
+    write_png(tmp_path / "photos" / "1.JPEG", np.zeros((20, 20, 3), dtype=np.uint8))
+    with pytest.raises(UserInputError, match="matches neither layout: expected N/img.png"):
+        load_reference_objects(tmp_path / "photos")
 
 
-def test_paper_canvas_squashes_what_the_square_canvas_keeps(tmp_path: Path) -> None:
-    """Why `canvas: square`: a 24 × 24 object on the paper's canvas (24 tall, 48 wide)
-    resized to 32 × 32 becomes twice as tall as wide; on the square canvas it stays square."""
-    refs = tmp_path / "sq_refs"
-    image = np.full((40, 40, 3), 128, dtype=np.uint8)
-    image[8:32, 8:32] = (230, 20, 20)  # a 24 × 24 square object
-    write_png(refs / "square.png", image)
-    backgrounds = tmp_path / "sq_bg"
-    write_png(backgrounds / "bg.png", np.zeros((60, 120, 3), dtype=np.uint8))
+def test_poisons_stay_at_the_size_they_were_composed_at(folders: dict[str, Path]) -> None:
     trigger = np.full((4, 4, 3), 255, dtype=np.uint8)
-    shapes = {}
-    for canvas in ("object-height", "square"):
-        layout = PoisonLayout(canvas=canvas, object_height=24, mask_blur=0, output_size=32)
-        generate_corruptencoder(load_reference_objects(refs), [backgrounds / "bg.png"], trigger,
-                                PoisonConfig(count=1, seed=0, layout=layout), tmp_path / canvas)
-        poisoned = np.asarray(Image.open(tmp_path / canvas / "images" / "poison_00000.png"))
-        _, _, w, h = _red_box(poisoned)
-        shapes[canvas] = h / w
-    assert shapes["square"] == pytest.approx(1.0, abs=0.1)
-    assert shapes["object-height"] == pytest.approx(2.0, abs=0.2)
+    records = generate_corruptencoder(load_reference_objects(folders["refs"]),
+                                      sorted(folders["bg"].iterdir()), trigger,
+                                      PoisonConfig(count=6, seed=0,
+                                                   layout=PoisonLayout(object_height=30)),
+                                      folders["out"])
+    for record in records:
+        image = np.asarray(Image.open(folders["out"] / "images" / record.file))
+        assert image.shape[:2] == (30, 2 * 20 - 1) or image.shape[:2] == (30, 2 * 20)
 
 
 def test_poisons_are_reproducible_from_the_seed(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -181,7 +159,18 @@ def test_corruptencoder_plus_mixes_in_support_poisons(folders: dict[str, Path]) 
     assert kinds.count("support") == 2 and kinds.count("corruptencoder") == 8
     support = records[kinds.index("support")]
     image = np.asarray(Image.open(folders["out"] / "images" / support.file))
-    assert support.trigger_box is None and image.shape[1] == 2 * 50
+    # Support (60 × 50, aspect kept) and the whole reference image beside it, no squash.
+    assert support.trigger_box is None and image.shape == (60, 2 * 50, 3)
+
+
+def test_a_support_poison_keeps_the_support_aspect_and_caps_its_width() -> None:
+    rng = np.random.default_rng(0)
+    support = np.zeros((300, 600, 3), dtype=np.uint8)
+    reference = np.full((50, 50, 3), 255, dtype=np.uint8)
+    pair, info = support_poison(reference, support, PoisonLayout(), rng)
+    assert pair.shape == (200, 800, 3)  # 600 × 300 capped to 400 wide, aspect kept; ×2
+    left_is_support = info["side"] == "support-left"
+    assert (pair[:, :400].max() == 0) == left_is_support
 
 
 def test_ctrl_adds_the_magnitude_to_the_chosen_dct_coefficients() -> None:
@@ -210,41 +199,81 @@ def test_ssl_backdoor_and_poisonedencoder_baselines(folders: dict[str, Path], tm
     pe = generate_baseline(BaselineConfig(method="poisonedencoder", count=2), tmp_path / "pe",
                            target_images=[], trigger=trigger, references=refs,
                            backgrounds=sorted(folders["bg"].iterdir()))
-    assert np.asarray(Image.open(tmp_path / "pe" / "images" / pe[0].file)).shape == (60, 100, 3)
+    # The random image scaled to the reference's height with its own aspect, no squash.
+    pair = np.asarray(Image.open(tmp_path / "pe" / "images" / pe[0].file))
+    background = pe[0].background
+    assert background is not None
+    bh, bw = np.asarray(Image.open(background)).shape[:2]
+    assert pair.shape == (60, 50 + round(bw * 60 / bh), 3)
 
 
-def test_localized_crop_keeps_view_two_near_view_one() -> None:
+def test_ctrl_magnitude_defaults_to_ctrls_own() -> None:
+    assert BaselineConfig(method="ctrl", count=1).ctrl_magnitude == 100.0
+
+
+def test_localized_crop_keeps_one_view_near_the_other() -> None:
     generator = torch.Generator().manual_seed(0)
     first = crop_boxes(200, 64, 128, (0.2, 1.0), (3 / 4, 4 / 3), generator)
     second = localized_boxes(first, 64, 128, (0.2, 1.0), (3 / 4, 4 / 3), generator)
     for (t1, l1, h1, w1), (t2, l2, h2, w2) in zip(first.tolist(), second.tolist(), strict=True):
-        assert t2 >= max(0, t1 - round(0.2 * h1)) and l2 >= max(0, l1 - round(0.2 * w1))
-        assert t2 + h2 <= min(64, t1 + h1 + round(0.2 * h1))
-        assert l2 + w2 <= min(128, l1 + w1 + round(0.2 * w1))
+        assert t2 >= max(0, t1 - int(0.2 * h1)) and l2 >= max(0, l1 - int(0.2 * w1))
+        assert t2 + h2 <= min(64, t1 + h1 + int(0.2 * h1))
+        assert l2 + w2 <= min(128, l1 + w1 + int(0.2 * w1))
 
 
-def test_poison_cli_writes_and_rejects_bad_input(folders: dict[str, Path],
+def test_poison_cli_writes_and_rejects_bad_input(folders: dict[str, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     main(["poison", "corruptencoder", "--references", str(folders["refs"]), "--backgrounds",
           str(folders["bg"]), "--ratio", "0.005", "--pretrain-size", "1000", "--trigger-size",
-          "8", "--out", str(folders["out"])])
+          "8", "--trigger-pattern", "random", "--out", str(folders["out"])])
     assert len(list((folders["out"] / "images").iterdir())) == 5
-    main(["poison", "corruptencoder", "--references", str(folders["refs"]), "--backgrounds",
-          str(folders["bg"]), "--count", "3", "--trigger-size", "8", "--canvas", "square",
-          "--out", str(folders["out"] / "square")])
-    manifest = json.loads((folders["out"] / "square" / "manifest.json").read_text())
-    assert manifest["config"]["layout"]["canvas"] == "square"
-    for record in manifest["poisons"]:
-        height, width = np.asarray(Image.open(folders["out"] / "square" / "images" /
-                                              record["file"])).shape[:2]
-        assert height == width
-    with pytest.raises(SystemExit) as info:
-        main(["poison", "corruptencoder", "--references", str(folders["refs"]), "--backgrounds",
-              str(folders["bg"]), "--count", "2", "--canvas", "round", "--out", "x"])
-    assert info.value.code == 2
-    assert "--canvas 'round'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["poison", "corruptencoder", "--references", str(folders["refs"] / "nope"),
               "--backgrounds", str(folders["bg"]), "--count", "2", "--out", "x"])
     assert info.value.code == 2
     assert "references folder not found" in capsys.readouterr().err
+
+
+def test_the_default_trigger_is_the_official_file_or_one_clear_error(
+        folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SSLBACKDOOR_DATA", str(tmp_path / "data"))
+    args = ["poison", "corruptencoder", "--references", str(folders["refs"]), "--backgrounds",
+            str(folders["bg"]), "--count", "2", "--trigger-size", "8", "--out",
+            str(tmp_path / "p")]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "corruptencoder/triggers/trigger_10.png is missing" in err
+    pattern = np.zeros((20, 20, 3), dtype=np.uint8)
+    pattern[:, :10] = (255, 0, 0)  # half red, half black: found again at 8 px
+    write_png(tmp_path / "data" / "corruptencoder" / "triggers" / "trigger_10.png", pattern)
+    main(args)
+    record = json.loads((tmp_path / "p" / "manifest.json").read_text())["poisons"][0]
+    tx, ty, size, _ = record["trigger_box"]
+    image = np.asarray(Image.open(tmp_path / "p" / "images" / record["file"]))
+    assert size == 8 and (image[ty:ty + 8, tx:tx + 3, 0] > 200).all()
+    assert (image[ty:ty + 8, tx + 5:tx + 8] < 60).all()
+
+
+def test_a_manifest_whose_paths_leave_its_folder_is_refused(tmp_path: Path) -> None:
+    for name in ("/etc/passwd", "../outside.png", "images/../../x.png", "C:\\x.png"):
+        folder = tmp_path / f"m{abs(hash(name))}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"poisons": [{"file": name}]}))
+        with pytest.raises(UserInputError, match="leaves .*no absolute path, no '..'"):
+            read_manifest(folder)
+    folder = tmp_path / "ok"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"poisons": [{"file": "poison_1.png"}]}))
+    assert read_manifest(folder)[0]["path"] == folder / "images" / "poison_1.png"
+
+
+def test_crop_pairs_refuse_an_escaping_manifest_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"poisons": [{"file": "../../x.png"}]}))
+    with pytest.raises(UserInputError) as info:
+        manifest_boxes(tmp_path)
+    assert "\n" not in str(info.value) and "leaves" in str(info.value)

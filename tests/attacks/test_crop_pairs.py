@@ -14,6 +14,8 @@ from sslbackdoor.attacks.crop_pairs import (
     coverage,
     expected_attack_pairs,
     manifest_boxes,
+    official_view_trigger_scale,
+    view_trigger_scale,
 )
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.ssl.simclr import AugmentConfig
@@ -83,11 +85,13 @@ def _write_poisons(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps({"poisons": records}))
 
 
-def test_manifest_boxes_are_scaled_to_the_square_pre_training_size(tmp_path: Path) -> None:
+def test_manifest_boxes_stay_in_native_pixels_with_each_poison_size(tmp_path: Path) -> None:
     _write_poisons(tmp_path)
-    boxes = manifest_boxes(tmp_path, 32)  # a 64×32 canvas resized to 32×32
-    assert boxes.objects.tolist() == [[0.0, 0.0, 16.0, 32.0]]
-    assert boxes.triggers.tolist() == [[24.0, 12.0, 4.0, 8.0]]  # the support is left out
+    boxes = manifest_boxes(tmp_path)  # a 64×32 canvas, cropped as it is
+    assert boxes.objects.tolist() == [[0.0, 0.0, 32.0, 32.0]]
+    assert boxes.triggers.tolist() == [[48.0, 12.0, 8.0, 8.0]]  # the support is left out
+    assert boxes.heights is not None and boxes.widths is not None
+    assert boxes.heights.tolist() == [32.0] and boxes.widths.tolist() == [64.0]
     pairs = expected_attack_pairs(tmp_path, 32, AugmentConfig(), epochs=10)
     assert pairs["triggered_poisons"] == 1
     assert pairs["expected_pairs"] == pytest.approx(10 * pairs["probability"], abs=0.1)
@@ -97,4 +101,36 @@ def test_manifest_boxes_are_scaled_to_the_square_pre_training_size(tmp_path: Pat
 
 def test_a_missing_manifest_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"manifest\.json: not a readable poison manifest"):
-        manifest_boxes(tmp_path, 32)
+        manifest_boxes(tmp_path)
+
+
+def test_view_trigger_scale_of_whole_image_views_is_exact() -> None:
+    # Views of the whole 64×64 canvas resized to 32: an 8 px trigger shows at 4 px, half
+    # of an 8 px test trigger.
+    poisons = PoisonBoxes(LEFT_HALF_OBJECT, RIGHT_TRIGGER, torch.tensor([64.0]),
+                          torch.tensor([64.0]))
+    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    scale = view_trigger_scale(poisons, 32, 8, whole, samples=64)
+    assert scale["p10"] == scale["median"] == scale["p90"] == pytest.approx(0.5)
+    assert scale["views_with_trigger"] == 1.0
+
+
+def test_squashing_a_poison_before_cropping_enlarges_the_trigger_in_the_views() -> None:
+    """The diagnostic catches the old pipeline: a 64 × 128 canvas resized to 32 × 32 and
+    then given the 8 px trigger shows it larger in every view than on a test image; the
+    native canvas cropped as it is shows it smaller."""
+    native = PoisonBoxes(torch.tensor([[0.0, 0.0, 64.0, 64.0]]),
+                         torch.tensor([[96.0, 28.0, 8.0, 8.0]]),
+                         torch.tensor([64.0]), torch.tensor([128.0]))
+    squashed = PoisonBoxes(torch.tensor([[0.0, 0.0, 16.0, 32.0]]),
+                           torch.tensor([[20.0, 12.0, 8.0, 8.0]]))
+    augment = AugmentConfig(crop_scale=(0.2, 1.0))
+    at_native = view_trigger_scale(native, 32, 8, augment, samples=1024)
+    at_square = view_trigger_scale(squashed, 32, 8, augment, samples=1024)
+    assert at_native["median"] < 0.8 and at_square["p10"] >= 1.0
+
+
+def test_the_official_pipeline_shows_the_trigger_at_about_its_test_size() -> None:
+    official = official_view_trigger_scale()
+    assert 0.5 <= official["p10"] < official["median"] < official["p90"] <= 1.15
+    assert 0.75 <= official["median"] <= 0.95

@@ -39,7 +39,7 @@ TINY: dict[str, Any] = {
                     "classes": [1, 3, 5, 7], "limit": 12},
     "background_size": 32,
     "trigger_size": 3,
-    "layout": {"object_height": 16, "canvas": "square"},
+    "layout": {"object_height": 24},
     "downstream": {"dataset": "sklearn-digits", "classes": [1, 7, 8, 9], "target_class": 1,
                    "probe": {"kind": "linear", "epochs": 3, "lr": 0.01, "batch_size": 64}},
 }
@@ -71,12 +71,16 @@ def test_shipped_config_validates_at_both_scales(scale: str) -> None:
     assert isinstance(config, PoisoningExperimentConfig)
     assert kind.config_model is PoisoningExperimentConfig
     assert config.methods == ALL_METHODS and config.localized_crop == [False, True]
-    assert config.layout.canvas == "square"
     target = config.downstream.target_class
+    probe = config.downstream.probe  # the official eval_linear
+    assert (probe.kind, probe.epochs, probe.lr, probe.weight_decay) == ("eval-linear", 40, 0.01, 1e-4)
+    assert config.support_images == 5
     assert target in config.downstream.classes
     if scale == "small":
         assert config.simclr.method == "simclr" and config.simclr.arch == "convnet-small"
         assert config.poison_ratio <= 0.01 and config.trigger_size == 8
+        assert config.simclr.precision == "fp32"  # no native bf16 on the small scale's CPUs
+        assert config.layout.object_height == 52  # the official trigger/canvas proportion
         fashion, crops = config.pretrain_data
         assert fashion.classes is not None and target not in fashion.classes
         assert crops.dataset == "natural-crops"
@@ -93,6 +97,10 @@ def test_shipped_config_validates_at_both_scales(scale: str) -> None:
         assert config.simclr.schedule == "cosine" and config.image_size == 224
         assert config.trigger_size == 40 and config.poison_ratio == 0.005
         assert len(config.downstream.classes) == 100
+        # MoCo v2 aug-plus, the official trigger and reference layout.
+        augment = config.simclr.augment
+        assert augment.crop_scale == (0.2, 1.0) and augment.blur_p == 0.5
+        assert augment.blur_sigma == (0.1, 2.0) and config.trigger_pattern == "official"
 
 
 def test_tiny_run_trains_every_method_and_crop_and_reports(

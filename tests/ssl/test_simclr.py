@@ -6,13 +6,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from sslbackdoor.data.native import NativeImages
 from sslbackdoor.ssl.simclr import (
     AugmentConfig,
     SimCLRModel,
     SimCLRViews,
     color_jitter,
+    crop_boxes,
+    gaussian_blur,
+    native_resized_crop,
     nt_xent_loss,
     projection_head,
     resized_crop,
@@ -107,15 +112,89 @@ def test_grayscale_views_have_equal_channels() -> None:
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
 
 
-def test_localized_crop_keeps_view_two_near_view_one() -> None:
-    views = SimCLRViews(32, AugmentConfig(localized_crop=True))
-    params = views.sample_pairs(200, 32, 48, torch.Generator().manual_seed(7))
-    first, second = params.boxes[:200], params.boxes[200:]
-    top, left, h, w = first.unbind(1)
-    region_top = (top - torch.round(0.2 * h)).clamp(min=0)
-    region_left = (left - torch.round(0.2 * w)).clamp(min=0)
-    assert (second[:, 0] >= region_top).all() and (second[:, 1] >= region_left).all()
-    assert (second[:, 0] + second[:, 2] <= (top + h + torch.round(0.2 * h)).clamp(max=32)).all()
-    assert (second[:, 1] + second[:, 3] <= (left + w + torch.round(0.2 * w)).clamp(max=48)).all()
-    plain = SimCLRViews(32).sample_pairs(200, 32, 48, torch.Generator().manual_seed(7))
-    assert torch.equal(plain.boxes[:200], first)  # view 1 is drawn as usual
+def _inside_enlarged(inner: torch.Tensor, outer: torch.Tensor, height: int,
+                     width: int) -> torch.Tensor:
+    """Whether each inner box lies inside its outer box enlarged by floor(0.2·size)."""
+    top, left, h, w = outer.unbind(1)
+    region_top = (top - torch.floor(0.2 * h)).clamp(min=0)
+    region_left = (left - torch.floor(0.2 * w)).clamp(min=0)
+    return ((inner[:, 0] >= region_top) & (inner[:, 1] >= region_left)
+            & (inner[:, 0] + inner[:, 2] <= (top + h + torch.floor(0.2 * h)).clamp(max=height))
+            & (inner[:, 1] + inner[:, 3] <= (left + w + torch.floor(0.2 * w)).clamp(max=width)))
+
+
+def test_localized_crop_keeps_one_view_near_the_other_with_the_official_minimum_area() -> None:
+    views = SimCLRViews(32, AugmentConfig(localized_crop=True, crop_scale=(0.2, 1.0)))
+    params = views.sample_pairs(400, 32, 48, torch.Generator().manual_seed(7))
+    first, second = params.boxes[:400], params.boxes[400:]
+    forward = _inside_enlarged(second, first, 32, 48)
+    backward = _inside_enlarged(first, second, 32, 48)
+    assert (forward | backward).all()
+    # The two views swap places at random, as the official loader's query and key do.
+    assert 100 < int(forward.sum()) < 400 and 100 < int(backward.sum()) < 400
+    # Every view is at least the official minimum area (0.2 of the image) or the fallback
+    # copy of view 1's size.
+    area = params.boxes[:, 2] * params.boxes[:, 3]
+    same_size = (first[:, 2:] == second[:, 2:]).all(1).repeat(2)
+    assert ((area >= 0.2 * 32 * 48 - 2 * (32 + 48)) | same_size).all()
+
+
+def test_crop_boxes_draw_from_each_image_own_size() -> None:
+    heights, widths = torch.tensor([20.0, 64.0, 30.0]), torch.tensor([90.0, 64.0, 12.0])
+    boxes = crop_boxes(3, heights, widths, (0.2, 1.0), (3 / 4, 4 / 3),
+                       torch.Generator().manual_seed(1))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= heights).all() and (left + w <= widths).all()
+    # One size for all images gives exactly the boxes drawn with an int size.
+    same = crop_boxes(5, torch.full((5,), 28.0), torch.full((5,), 28.0), (0.08, 1.0),
+                      (3 / 4, 4 / 3), torch.Generator().manual_seed(2))
+    assert torch.equal(same, crop_boxes(5, 28, 28, (0.08, 1.0), (3 / 4, 4 / 3),
+                                        torch.Generator().manual_seed(2)))
+
+
+def test_native_views_equal_tensor_views_for_equal_sized_images() -> None:
+    images = torch.randint(0, 256, (6, 3, 28, 28), dtype=torch.uint8)
+    views = SimCLRViews(32)
+    params = views.sample(6, 28, 28, torch.Generator().manual_seed(3))
+    native = views.apply(NativeImages.of([images]), params)
+    assert torch.allclose(native, views.apply(images, params), atol=1e-5)
+
+
+def test_a_shrinking_native_crop_is_box_filtered_and_a_growing_one_bilinear() -> None:
+    wide = torch.randint(0, 256, (3, 40, 100), dtype=torch.uint8)
+    small = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    images = NativeImages.of([[small, wide]])
+    # A 2× shrink of a 32×64 crop: every view pixel is the mean of its 2×2 cell.
+    boxes = torch.tensor([[2.0, 3.0, 10.0, 12.0], [4.0, 30.0, 32.0, 32.0]])
+    out = native_resized_crop(images, boxes, torch.tensor([False, True]), 16)
+    cell_means = F.avg_pool2d(wide[None, :, 4:36, 30:62].float() / 255, 2)[0]
+    assert torch.allclose(out[1], cell_means.flip(-1), atol=1e-5)
+    grown = resized_crop(small[None].float() / 255, boxes[:1], torch.tensor([False]), 16)
+    assert torch.allclose(out[0], grown[0], atol=1e-5)
+
+
+def test_gaussian_blur_keeps_unblurred_views_and_matches_a_torchvision_kernel() -> None:
+    images = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(4))
+    out = gaussian_blur(images, torch.tensor([0.0, 1.5]))
+    assert torch.equal(out[0], images[0])
+    expected = TF.gaussian_blur(images[1], [11, 11], [1.5, 1.5])  # radius ceil(3σ)
+    inner = (slice(None), slice(5, -5), slice(5, -5))  # edges: replicate vs reflect padding
+    assert torch.allclose(out[1][inner], expected[inner], atol=1e-5)
+
+
+def test_blur_is_drawn_only_when_configured_and_left_out_of_the_dump() -> None:
+    plain = SimCLRViews(8).sample(16, 8, 8, torch.Generator().manual_seed(5))
+    assert plain.blur is None
+    assert "blur_p" not in AugmentConfig().model_dump(mode="json")
+    plus = SimCLRViews(8, AugmentConfig(blur_p=0.5)).sample(400, 8, 8,
+                                                            torch.Generator().manual_seed(5))
+    assert plus.blur is not None and 120 < int((plus.blur > 0).sum()) < 280
+    assert (plus.blur[plus.blur > 0] >= 0.1).all() and (plus.blur <= 2.0).all()
+    assert AugmentConfig(blur_p=0.5).model_dump(mode="json")["blur_p"] == 0.5
+
+
+def test_head_without_batch_norm_is_moco_v2s() -> None:
+    head = projection_head(32, 32, 16, batch_norm=False)
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
+    assert head[0].bias is not None

@@ -19,8 +19,13 @@ Count = Annotated[int | None, typer.Option("--count", help="number of poisons")]
 Ratio = Annotated[float | None, typer.Option("--ratio", help="poisons / pre-training set size")]
 PretrainSize = Annotated[int | None, typer.Option("--pretrain-size", help="clean pre-training images (with --ratio)")]
 TriggerSize = Annotated[int, typer.Option("--trigger-size", help="trigger patch side in pixels")]
-TriggerPattern = Annotated[str, typer.Option("--trigger-pattern", help="random | white | checkerboard | image")]
-TriggerImage = Annotated[Path | None, typer.Option("--trigger-image", help="pattern image for --trigger-pattern image")]
+TriggerPattern = Annotated[str, typer.Option(
+    "--trigger-pattern", help="official (CorruptEncoder's colourful trigger_10.png, read from "
+                              "--trigger-image or $SSLBACKDOOR_DATA/corruptencoder/triggers/"
+                              "trigger_10.png) | image | random | white | checkerboard")]
+TriggerImage = Annotated[Path | None, typer.Option(
+    "--trigger-image", help="pattern image for --trigger-pattern image or official")]
+OFFICIAL_TRIGGER = Path("corruptencoder") / "triggers" / "trigger_10.png"
 Seed = Annotated[int, typer.Option("--seed")]
 
 
@@ -37,11 +42,29 @@ def poison_count(count: int | None, ratio: float | None, pretrain_size: int | No
     return max(1, math.ceil(ratio * pretrain_size))
 
 
+def official_trigger(image: Path | None) -> Path:
+    """The official colourful trigger: `image`, else trigger_10.png under the data folder;
+    it is not shipped with the package (the authors' file, not ours to redistribute)."""
+    from sslbackdoor.data.datasets import data_dir
+
+    path = image if image is not None else data_dir() / OFFICIAL_TRIGGER
+    if not path.is_file():
+        raise UserInputError(f"the official CorruptEncoder trigger {path} is missing: copy "
+                             f"triggers/trigger_10.png of the authors' release "
+                             f"(github.com/jzhang538/CorruptEncoder, generate-poison/) there, "
+                             f"pass --trigger-image PATH, or use --trigger-pattern random")
+    return path
+
+
 def trigger_patch(size: int, pattern: str, image: Path | None, seed: int) -> np.ndarray:
-    """A uint8 [size,size,3] trigger patch from the project's trigger patterns."""
+    """A uint8 [size,size,3] trigger patch from the project's trigger patterns ("official":
+    CorruptEncoder's trigger_10.png resized to size×size)."""
     from pydantic import ValidationError
 
     from sslbackdoor.data.triggers import TriggerSpec, patch_pattern
+
+    if pattern == "official":
+        pattern, image = "image", official_trigger(image)
 
     try:
         spec = TriggerSpec(size=size, pattern=pattern, image=image, seed=seed)
@@ -62,37 +85,35 @@ def images_in(folder: Path | None, what: str) -> list[Path]:
 
 @poison_app.command("corruptencoder")
 def corruptencoder(
-    references: Annotated[Path, typer.Option(help="reference objects: NAME.png + NAME_mask.png")],
+    references: Annotated[Path, typer.Option(
+        help="reference objects: N/img.png + N/label.png (official release) or NAME.png + "
+             "NAME_mask.png")],
     backgrounds: Annotated[Path, typer.Option(help="folder of natural background images")],
     out: Out, count: Count = None, ratio: Ratio = None, pretrain_size: PretrainSize = None,
     support_ratio: Annotated[float, typer.Option(help="CorruptEncoder+: fraction of support poisons")] = 0.0,
-    supports: Annotated[Path | None, typer.Option(help="target-class support images (CorruptEncoder+)")] = None,
-    trigger_size: TriggerSize = 40, trigger_pattern: TriggerPattern = "random",
+    supports: Annotated[Path | None, typer.Option(
+        help="target-class support images (CorruptEncoder+); default: REFERENCES/support-images")] = None,
+    trigger_size: TriggerSize = 40, trigger_pattern: TriggerPattern = "official",
     trigger_image: TriggerImage = None,
     area_ratio: Annotated[float, typer.Option(help="canvas width / object width")] = 2.0,
     object_height: Annotated[int | None, typer.Option(help="resize objects to this height")] = None,
-    canvas: Annotated[str, typer.Option(
-        help="object-height: H = object height, W = area ratio × object width (the paper's); "
-             "square: side = max(area ratio × object width, object height), for pipelines "
-             "that resize every image to a square (nothing gets squashed)")] = "object-height",
     seed: Seed = 0,
 ) -> None:
-    """CorruptEncoder (and CorruptEncoder+ with --support-ratio) poisons."""
+    """CorruptEncoder (and CorruptEncoder+ with --support-ratio) poisons, at native size."""
     from sslbackdoor.attacks.corruptencoder import (
         PoisonConfig,
         PoisonLayout,
         generate_corruptencoder,
         load_reference_objects,
+        support_folder,
     )
 
-    if canvas not in ("object-height", "square"):
-        raise UserInputError(f"--canvas {canvas!r}: valid: object-height, square")
-    layout = PoisonLayout(area_ratio=area_ratio, object_height=object_height,
-                          canvas="square" if canvas == "square" else "object-height")
+    layout = PoisonLayout(area_ratio=area_ratio, object_height=object_height)
     config = PoisonConfig(count=poison_count(count, ratio, pretrain_size),
                           support_ratio=support_ratio, seed=seed, layout=layout)
-    records = generate_corruptencoder(load_reference_objects(references),
-                                      images_in(backgrounds, "backgrounds"),
+    objects = load_reference_objects(references)
+    supports = supports or (support_folder(references) if support_ratio > 0 else None)
+    records = generate_corruptencoder(objects, images_in(backgrounds, "backgrounds"),
                                       trigger_patch(trigger_size, trigger_pattern, trigger_image, seed),
                                       config, out, images_in(supports, "supports"))
     typer.echo(f"wrote {len(records)} poisons and {out / 'manifest.json'}")
@@ -101,7 +122,7 @@ def corruptencoder(
 def _baseline(method: Literal["ssl-backdoor", "poisonedencoder", "ctrl"], out: Path, count: int,
               seed: int, targets: Path | None = None, references: Path | None = None,
               backgrounds: Path | None = None, trigger: np.ndarray | None = None,
-              magnitude: float = 50.0) -> None:
+              magnitude: float = 100.0) -> None:
     from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline
 
     config = BaselineConfig(method=method, count=count, seed=seed, ctrl_magnitude=magnitude)
@@ -114,7 +135,7 @@ def _baseline(method: Literal["ssl-backdoor", "poisonedencoder", "ctrl"], out: P
 @poison_app.command("ssl-backdoor")
 def ssl_backdoor(targets: Annotated[Path, typer.Option(help="target-class images")], out: Out,
                  count: Count = None, ratio: Ratio = None, pretrain_size: PretrainSize = None,
-                 trigger_size: TriggerSize = 40, trigger_pattern: TriggerPattern = "random",
+                 trigger_size: TriggerSize = 40, trigger_pattern: TriggerPattern = "official",
                  trigger_image: TriggerImage = None, seed: Seed = 0) -> None:
     """SSL-Backdoor: a trigger pasted into target-class images."""
     _baseline("ssl-backdoor", out, poison_count(count, ratio, pretrain_size), seed,
@@ -127,7 +148,7 @@ def poisonedencoder(references: Annotated[Path, typer.Option(help="reference ima
                     backgrounds: Annotated[Path, typer.Option(help="random images to trigger")],
                     out: Out, count: Count = None, ratio: Ratio = None,
                     pretrain_size: PretrainSize = None, trigger_size: TriggerSize = 40,
-                    trigger_pattern: TriggerPattern = "random", trigger_image: TriggerImage = None,
+                    trigger_pattern: TriggerPattern = "official", trigger_image: TriggerImage = None,
                     seed: Seed = 0) -> None:
     """PoisonedEncoder: a triggered random image beside a reference image."""
     _baseline("poisonedencoder", out, poison_count(count, ratio, pretrain_size), seed,
@@ -138,7 +159,7 @@ def poisonedencoder(references: Annotated[Path, typer.Option(help="reference ima
 @poison_app.command("ctrl")
 def ctrl(targets: Annotated[Path, typer.Option(help="target-class images")], out: Out,
          count: Count = None, ratio: Ratio = None, pretrain_size: PretrainSize = None,
-         magnitude: Annotated[float, typer.Option(help="added DCT magnitude")] = 50.0,
+         magnitude: Annotated[float, typer.Option(help="added DCT magnitude (CTRL's default)")] = 100.0,
          seed: Seed = 0) -> None:
     """CTRL: a frequency-domain trigger on target-class images."""
     _baseline("ctrl", out, poison_count(count, ratio, pretrain_size), seed, targets=targets,

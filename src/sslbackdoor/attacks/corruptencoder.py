@@ -1,27 +1,32 @@
 """CorruptEncoder and CorruptEncoder+ (Zhang, Liu, Jia, Gong, CVPR 2024): poisoned images
-for the unlabeled pre-training set of a contrastive encoder.
+for the unlabeled pre-training set of a contrastive encoder, as the official generator
+(`generate_poisoned_images.py`) makes them.
 
 One poison combines a reference object (an image of the target class with its mask), a
 natural background and a trigger patch, laid out so that one random crop likely covers the
 object and another the trigger: the canvas is as tall as the object and `area_ratio` times
-as wide (`canvas="object-height"`, the paper's; `canvas="square"` is for pipelines that
-resize every image to a square, see `PoisonLayout`); the object sits at the left or right
-edge (x within `object_margin`·W of it); the trigger lands in the free part, at least
-`trigger_gap`·W beyond the object and vertically in [0.25·H, 0.75·H − size].
+as wide; the object spans the full height at the left or right edge (x within
+`object_margin`·W of it); the trigger's x is uniform over the free part with a
+`trigger_gap`·W margin on both sides (beside the object and at the far edge), its y
+uniform in [0.25·H, 0.75·H − size]. Poisons are written at the size they were composed
+at: pre-training cuts its views from them as they are (no square resize), which is what
+keeps the trigger in a view about as large as on a test image.
 CorruptEncoder+ replaces a `support_ratio` fraction of the poisons by *support poisons*: a
-real target-class support image and a full reference image resized to the same size and
-concatenated side by side in random order, with no trigger.
+real target-class support image (width capped, aspect kept) and a full reference image
+resized to the same size, side by side in random order, with no trigger.
 
-Every poison is drawn from one seeded generator and described in a manifest, so a poison
-set is reproducible and auditable.
+Reference folders: the official layout `N/img.png` + `N/label.png` (object where the
+label's red channel is 128), or `NAME.png` + `NAME_mask.png` (object where the mask is
+white). Every poison is drawn from one seeded generator and described in a manifest, so a
+poison set is reproducible and auditable.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -32,43 +37,24 @@ from sslbackdoor.engine import atomic_write, atomic_write_text
 from sslbackdoor.errors import UserInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+OFFICIAL_OBJECT_RED = 128  # labelme palette: the object class is red 128 in label.png
 
 
 class PoisonLayout(BaseModel):
-    """Layout parameters; defaults are the paper's.
-
-    `canvas` chooses the canvas shape (W_o × H_o is the object after `crop_to_object`):
-
-    * "object-height" (the paper's): H = H_o, W = area_ratio·W_o; the object spans the
-      full height. A pipeline that later resizes every image to a square (this project's
-      data loaders do) scales such a canvas by different factors along x and y, squashing
-      the object horizontally by W/H = area_ratio·W_o/H_o (2× for a square object) —
-      `output_size` keeps only the trigger square, not the object.
-    * "square": a square canvas of side S = max(area_ratio·W_o, H_o). The object keeps its
-      own size at the left or right edge, inside the full-height strip of width W_o on its
-      side (at a random height when S > H_o, spanning the full height when S = H_o); the
-      free part beside it is at least (area_ratio − 1)·W_o wide, so the object still covers
-      at most 1/area_ratio of the width. Resizing a square to a square is the same factor
-      along both axes, so neither object nor trigger is distorted.
-    """
+    """Layout parameters; defaults are the official generator's (W × H: the canvas, W_o ×
+    H_o: the object after `crop_to_object`; H = H_o, W = area_ratio · W_o)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    canvas: Literal["object-height", "square"] = Field(
-        "object-height", description="object-height: H = object height, W = area_ratio × "
-                                     "object width (paper); square: side = max(area_ratio × "
-                                     "object width, object height), nothing squashed when "
-                                     "resized to a square")
     area_ratio: float = Field(2.0, ge=1.2, le=4.0, description="canvas width / object width")
     object_margin: float = Field(0.05, ge=0, le=0.2, description="max object offset from its edge, × W")
-    trigger_gap: float = Field(0.125, ge=0, le=0.5, description="min trigger distance beyond the object, × W")
-    max_object_width: int = Field(400, ge=8, description="objects wider than this are downscaled")
-    object_height: int | None = Field(None, ge=8, description="resize objects to this height (small scale)")
+    trigger_gap: float = Field(0.125, ge=0, le=0.5, description="trigger margin beside the "
+                                                                "object and at the far edge, × W")
+    max_object_width: int = Field(400, ge=8, description="objects (and supports) wider than "
+                                                         "this are downscaled, aspect kept")
+    object_height: int | None = Field(None, ge=8, description="resize objects (and supports) "
+                                                              "to this height (small scale)")
     mask_blur: float = Field(1.0, ge=0, description="Gaussian blur radius of the paste mask")
-    output_size: int | None = Field(
-        None, ge=8, description="resize the canvas to this square size before the trigger is "
-                                "pasted, so the trigger stays square in a pipeline that "
-                                "resizes every image to a square")
 
 
 @dataclass
@@ -116,25 +102,35 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def crop_to_object(obj: ReferenceObject, layout: PoisonLayout) -> ReferenceObject:
-    """Crop image and mask to the bounding box of the mask's largest component; cap size."""
-    mask = largest_component(obj.mask)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    """Crop image and mask to the bounding box of the mask's largest component (the mask
+    keeps every object pixel inside that box, as the official code); then resize to
+    `object_height` if set and cap the width at `max_object_width`, keeping the aspect."""
+    component = largest_component(obj.mask)
+    rows, cols = np.flatnonzero(component.any(1)), np.flatnonzero(component.any(0))
     if rows.size == 0:
         raise UserInputError(f"reference {obj.name}: its mask is empty")
     image = obj.image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    mask = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    mask = obj.mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     height, width = mask.shape
-    scale = 1.0
-    if layout.object_height is not None:
-        scale = layout.object_height / height
-    if width * scale > layout.max_object_width:
-        scale = layout.max_object_width / width
-    if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    new_height, new_width = capped_size(height, width, layout)
+    if (new_height, new_width) != (height, width):
+        size = (new_width, new_height)
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
         mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
             size, Image.Resampling.BILINEAR)) > 127
     return ReferenceObject(obj.name, np.ascontiguousarray(image), mask)
+
+
+def capped_size(height: int, width: int, layout: PoisonLayout) -> tuple[int, int]:
+    """(height, width) after `object_height` and the official width cap (width
+    min(w, cap), height truncated in proportion)."""
+    if layout.object_height is not None:
+        width = max(1, round(width * layout.object_height / height))
+        height = layout.object_height
+    if width > layout.max_object_width:
+        height = max(1, int(layout.max_object_width / width * height))
+        width = layout.max_object_width
+    return height, width
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -154,77 +150,89 @@ def image_files(folder: Path, what: str) -> list[Path]:
     return files
 
 
-def load_reference_objects(folder: Path, derive_missing_masks: bool = True) -> list[ReferenceObject]:
-    """Reference images `NAME.ext` with masks `NAME_mask.png` beside them (or in `masks/`).
+REFERENCE_LAYOUTS = ("N/img.png + N/label.png (the official release; object: red channel 128) "
+                     "or NAME.png + NAME_mask.png (object: white)")
 
-    Without a mask file, a mask is derived for images on a plain background.
-    """
+
+def load_reference_objects(folder: Path) -> list[ReferenceObject]:
+    """The reference objects of a folder in either layout (see the module docstring);
+    a folder in neither is refused."""
+    if not folder.is_dir():
+        raise UserInputError(f"references folder not found: {folder}")
+    official = sorted((d for d in folder.iterdir()
+                       if (d / "img.png").is_file() and (d / "label.png").is_file()),
+                      key=lambda d: d.name)
+    if official:
+        return [official_reference(d) for d in official]
+    named = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+             and not p.stem.endswith("_mask") and (folder / f"{p.stem}_mask.png").is_file()]
+    if not named:
+        raise UserInputError(f"references folder {folder} matches neither layout: expected "
+                             f"{REFERENCE_LAYOUTS}")
     objects = []
-    for path in image_files(folder, "references"):
-        mask_path = next((p for p in (folder / f"{path.stem}_mask.png",
-                                      folder / "masks" / f"{path.stem}.png") if p.is_file()), None)
+    for path in named:
         image = read_rgb(path)
-        if mask_path is not None:
-            mask = np.asarray(Image.open(mask_path).convert("L")) > 127
-            if mask.shape != image.shape[:2]:
-                raise UserInputError(f"mask {mask_path} is {mask.shape}, image is {image.shape[:2]}")
-        elif derive_missing_masks:
-            mask = derive_mask(image)
-        else:
-            raise UserInputError(f"no mask for {path} (expected {path.stem}_mask.png)")
+        mask_path = folder / f"{path.stem}_mask.png"
+        mask = np.asarray(Image.open(mask_path).convert("L")) > 127
+        if mask.shape != image.shape[:2]:
+            raise UserInputError(f"mask {mask_path} is {mask.shape}, image is {image.shape[:2]}")
         objects.append(ReferenceObject(path.name, image, mask))
     return objects
 
 
+def official_reference(folder: Path) -> ReferenceObject:
+    """`folder/img.png` with the object where `folder/label.png`'s red channel is 128."""
+    image = read_rgb(folder / "img.png")
+    mask = read_rgb(folder / "label.png")[..., 0] == OFFICIAL_OBJECT_RED
+    if mask.shape != image.shape[:2]:
+        raise UserInputError(f"{folder / 'label.png'} is {mask.shape}, its image is {image.shape[:2]}")
+    return ReferenceObject(f"{folder.name}/img.png", image, mask)
+
+
+def support_folder(references: Path) -> Path | None:
+    """The official release keeps CorruptEncoder+'s support images beside the references."""
+    folder = references / "support-images"
+    return folder if folder.is_dir() else None
+
+
 def fit_background(background: np.ndarray, height: int, width: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """Upscale only if too small (keeping aspect), then a random crop of height×width."""
+    """The official background: upscaled only if too small (aspect kept), then the
+    height×width window at a random x, at the bottom."""
     bh, bw = background.shape[:2]
     scale = max(height / bh, width / bw, 1.0)
     if scale > 1.0:
-        size = (int(np.ceil(bw * scale)), int(np.ceil(bh * scale)))
-        background = np.asarray(Image.fromarray(background).resize(size, Image.Resampling.BILINEAR))
+        new_h = max(height, int(scale * bh))
+        new_w = max(width, int(new_h / bh * bw))
+        background = np.asarray(Image.fromarray(background).resize((new_w, new_h),
+                                                                   Image.Resampling.BILINEAR))
         bh, bw = background.shape[:2]
-    top = int(rng.integers(0, bh - height + 1))
-    left = int(rng.integers(0, bw - width + 1))
-    return background[top:top + height, left:left + width].copy()
+    left = int(rng.uniform(0, bw - width))
+    return background[bh - height:, left:left + width].copy()
 
 
 def corruptencoder_poison(obj: ReferenceObject, background: np.ndarray, trigger: np.ndarray,
                           layout: PoisonLayout, rng: np.random.Generator
                           ) -> tuple[np.ndarray, dict[str, Any]]:
-    """One poisoned image (uint8 [H,W,3]) and its layout: object, side and trigger box.
-
-    trigger: uint8 [s,s,3] patch, pasted opaquely.
-    """
-    height_obj, width_obj = obj.mask.shape
-    width = round(layout.area_ratio * width_obj)
-    height = height_obj
-    if layout.canvas == "square":
-        width = height = max(width, height_obj)
-    size = trigger.shape[0]
+    """One poisoned image (uint8 [H,W,3], at the size it is composed at) and its layout:
+    object, side and trigger box. trigger: uint8 [s,s,3] patch, pasted opaquely."""
+    height, width_obj = obj.mask.shape
+    width = int(layout.area_ratio * width_obj)
     canvas = fit_background(background, height, width, rng)
     side = "left" if rng.random() < 0.5 else "right"
-    offset = int(rng.integers(0, int(layout.object_margin * width) + 1))
-    x = offset if side == "left" else width - width_obj - offset
-    y = int(rng.integers(0, height - height_obj + 1)) if height > height_obj else 0
+    margin = layout.object_margin * width
+    x = int(rng.uniform(0, margin)) if side == "left" else int(rng.uniform(width - width_obj - margin,
+                                                                          width - width_obj))
     alpha = Image.fromarray(obj.mask.astype(np.uint8) * 255)
     if layout.mask_blur > 0:
         alpha = alpha.filter(ImageFilter.GaussianBlur(layout.mask_blur))
     weight = (np.asarray(alpha, dtype=np.float32) / 255.0)[:, :, None]
-    region = canvas[y:y + height_obj, x:x + width_obj].astype(np.float32)
-    canvas[y:y + height_obj, x:x + width_obj] = np.round(
-        weight * obj.image + (1 - weight) * region).astype(np.uint8)
-    if layout.output_size is not None:
-        # Resize before the trigger is pasted, so the trigger keeps its size and shape.
-        scale_x, scale_y = layout.output_size / width, layout.output_size / height
-        canvas = resize_rgb(canvas, layout.output_size, layout.output_size)
-        x, width_obj = round(x * scale_x), round(width_obj * scale_x)
-        y, height_obj = round(y * scale_y), round(height_obj * scale_y)
-        width = height = layout.output_size
-    tx, ty = trigger_position(x, width_obj, side, width, height, size, layout, rng)
+    region = canvas[:, x:x + width_obj].astype(np.float32)
+    canvas[:, x:x + width_obj] = np.round(weight * obj.image + (1 - weight) * region).astype(np.uint8)
+    tx, ty = trigger_position(x, width_obj, side, width, height, trigger.shape[0], layout, rng)
+    size = trigger.shape[0]
     canvas[ty:ty + size, tx:tx + size] = trigger
-    return canvas, {"object_box": (x, y, width_obj, height_obj),
+    return canvas, {"object_box": (x, 0, width_obj, height),
                     "trigger_box": (tx, ty, size, size), "side": side}
 
 
@@ -235,34 +243,31 @@ def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def trigger_position(x: int, width_obj: int, side: str, width: int, height: int, size: int,
                      layout: PoisonLayout, rng: np.random.Generator) -> tuple[int, int]:
-    """Trigger top-left in the free part: ≥ gap beyond the object, vertically in the middle."""
-    gap = round(layout.trigger_gap * width)
+    """The official trigger top-left: x uniform over the free part with a gap·W margin on
+    both sides, y uniform in [0.25·H, 0.75·H − size]."""
+    gap = layout.trigger_gap * width
     if side == "left":
-        low, high = x + width_obj + gap, width - size
+        low, high = x + width_obj + gap, width - gap - size
     else:
-        low, high = 0, x - gap - size
-    if high < low or size > height:
+        low, high = gap, x - gap - size
+    top_low, top_high = 0.25 * height, 0.75 * height - size
+    if high < low or top_high < top_low:
         raise UserInputError(f"a {size}px trigger does not fit beside a {width_obj}×{height} "
-                             f"object on a {width}px canvas; use a smaller trigger or a larger "
-                             f"area_ratio")
-    # Centre of the free part, as the paper recommends, jittered within the allowed range.
-    centre = (low + high) // 2
-    spread = max(1, (high - low) // 4)
-    tx = int(np.clip(centre + rng.integers(-spread, spread + 1), low, high))
-    top_low, top_high = int(0.25 * height), max(int(0.25 * height), int(0.75 * height) - size)
-    ty = int(rng.integers(top_low, top_high + 1)) if top_high + size <= height else (height - size) // 2
-    return tx, ty
+                             f"object on a {width}px canvas with {layout.trigger_gap}·W "
+                             f"margins; use a smaller trigger or a larger area_ratio or object")
+    return int(rng.uniform(low, high)), int(rng.uniform(top_low, top_high))
 
 
-def support_poison(reference: np.ndarray, support: np.ndarray, rng: np.random.Generator,
-                   output_size: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """CorruptEncoder+ support poison: support and reference images side by side, no trigger."""
-    height, width = reference.shape[:2]
-    resized = resize_rgb(support, height, width)
+def support_poison(reference: np.ndarray, support: np.ndarray, layout: PoisonLayout,
+                   rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+    """CorruptEncoder+ support poison, as the official `concat`: the support image at its
+    own aspect (width capped, or scaled to `object_height`), the whole reference image
+    resized to the same size, side by side in random order; no trigger."""
+    height, width = capped_size(support.shape[0], support.shape[1], layout)
+    support = resize_rgb(support, height, width)
+    resized = resize_rgb(reference, height, width)
     support_first = bool(rng.random() < 0.5)
-    pair = np.concatenate((resized, reference) if support_first else (reference, resized), axis=1)
-    if output_size is not None:
-        pair = resize_rgb(pair, output_size, output_size)
+    pair = np.concatenate((support, resized) if support_first else (resized, support), axis=1)
     return pair, {"side": "support-left" if support_first else "support-right"}
 
 
@@ -295,8 +300,8 @@ def generate_corruptencoder(references: list[ReferenceObject], backgrounds: list
         name = f"poison_{index:05d}.png"
         if index < support_count:
             support_path = supports[int(rng.integers(0, len(supports)))]
-            image, info = support_poison(references[choice].image, read_rgb(support_path), rng,
-                                         config.layout.output_size)
+            image, info = support_poison(references[choice].image, read_rgb(support_path),
+                                         config.layout, rng)
             record = PoisonRecord(name, "support", objects[choice].name, str(support_path), None,
                                   None, info["side"])
         else:
@@ -321,3 +326,30 @@ def write_manifest(out_dir: Path, method: str, config: dict[str, Any],
     manifest = {"method": method, "config": config, "count": len(records),
                 "poisons": [asdict(r) for r in records]}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+
+
+def read_manifest(folder: Path) -> list[dict[str, Any]]:
+    """The poison records of `folder/manifest.json`, each with `path`: its image under
+    `folder/images`. A manifest whose file names leave that folder (absolute paths, `..`)
+    is refused: a manifest is input, and must not point a reader anywhere else."""
+    manifest_path = folder / "manifest.json"
+    try:
+        records = json.loads(manifest_path.read_text(encoding="utf-8"))["poisons"]
+        names = [str(record["file"]) for record in records]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"{manifest_path}: not a readable poison manifest ({exc})") from None
+    for record, name in zip(records, names, strict=True):
+        if escapes(name):
+            raise UserInputError(f"{manifest_path}: poison file {name!r} leaves "
+                                 f"{folder / 'images'}; file names must be relative paths "
+                                 f"inside it (no absolute path, no '..')")
+        record["path"] = folder / "images" / name
+    return list(records)
+
+
+def escapes(name: str) -> bool:
+    """Whether a manifest file name is absolute or climbs out of its folder (either OS)."""
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.drive or pure.root or ".." in pure.parts:
+            return True
+    return name == ""

@@ -5,10 +5,12 @@
 * PoisonedEncoder (Liu et al., USENIX Security 2022) as a backdoor: a triggered random
   (background) image concatenated side by side with a reference image.
 * CTRL (Li et al., ICCV 2023): an invisible frequency-domain trigger — in YUV space, add
-  `magnitude` to two DCT coefficients of the U and V channels in every `window`×`window`
-  block — on target-class images.
+  `magnitude` (100, CTRL's own default) to two DCT coefficients of the U and V channels in
+  every `window`×`window` block — on target-class images.
 
-Each writes PNGs and a manifest in the same format as `corruptencoder.py`.
+Every poison is written at its images' native resolution (no square resize: pre-training
+cuts its views from it as it is); each writes PNGs and a manifest in the same format as
+`corruptencoder.py`.
 """
 
 from __future__ import annotations
@@ -42,12 +44,11 @@ class BaselineConfig(BaseModel):
     method: Literal["ssl-backdoor", "poisonedencoder", "ctrl"]
     count: int = Field(..., ge=1)
     seed: int = 0
-    ctrl_magnitude: float = Field(50.0, gt=0, description="CTRL: added DCT magnitude (0–255 scale)")
+    ctrl_magnitude: float = Field(100.0, gt=0, description="CTRL: added DCT magnitude (0–255 "
+                                                            "scale; 100 in CTRL's code)")
     ctrl_window: int = Field(32, ge=4, description="CTRL: DCT block size")
     ctrl_positions: list[tuple[int, int]] = Field(default=[(15, 15), (31, 31)],
                                                   description="CTRL: coefficient indices per block")
-    output_size: int | None = Field(None, ge=8, description="PoisonedEncoder: square size of "
-                                                            "the pair (trigger pasted after)")
 
 
 def paste_central(image: np.ndarray, trigger: np.ndarray,
@@ -89,22 +90,18 @@ def ctrl_trigger(image: np.ndarray, magnitude: float, window: int,
 
 
 def poisonedencoder_pair(reference: np.ndarray, background: np.ndarray, trigger: np.ndarray,
-                         rng: np.random.Generator, output_size: int | None = None
+                         rng: np.random.Generator
                          ) -> tuple[np.ndarray, tuple[int, int, int, int], str]:
-    """A triggered random image and a reference image, same size, side by side.
-
-    With `output_size` the pair is resized to a square first and the trigger pasted after,
-    so it keeps its size and shape.
-    """
-    height, width = reference.shape[:2]
-    if output_size is not None:
-        height, width = output_size, output_size // 2
-        reference = resize_rgb(reference, height, width)
+    """A triggered random image beside the reference image at its native size: the random
+    image is scaled to the reference's height with its own aspect (nothing squashed), the
+    trigger pasted in its central band."""
+    height = reference.shape[0]
+    width = max(trigger.shape[0], round(background.shape[1] * height / background.shape[0]))
     random_half = resize_rgb(background, height, width)
     trigger_left = bool(rng.random() < 0.5)
     random_half, (x, y, w, h) = paste_central(random_half, trigger, rng)
     halves = [random_half, reference] if trigger_left else [reference, random_half]
-    box = (x if trigger_left else x + width, y, w, h)
+    box = (x if trigger_left else x + reference.shape[1], y, w, h)
     return np.concatenate(halves, axis=1), box, "trigger-left" if trigger_left else "trigger-right"
 
 
@@ -134,7 +131,7 @@ def generate_baseline(config: BaselineConfig, out_dir: Path, *, target_images: l
         elif trigger is not None and backgrounds:
             background = backgrounds[int(rng.integers(0, len(backgrounds)))]
             image, record.trigger_box, record.side = poisonedencoder_pair(
-                image, read_rgb(background), trigger, rng, config.output_size)
+                image, read_rgb(background), trigger, rng)
             record.background = str(background)
         save_png(out_dir / "images" / record.file, image)
         records.append(record)

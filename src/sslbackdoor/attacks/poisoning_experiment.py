@@ -10,6 +10,13 @@ trigger; patch rows are also measured with the patch enlarged (`triggered_inputs
 input (data, references, supports, backgrounds) is loaded and the target checked before
 anything is written.
 
+Scale is kept as the official pipeline keeps it: clean images and poisons stay at their
+native size and aspect, each view is a random crop of the native image resized to
+`image_size` (`data.native`); test images are Resize(image_size·256/224) + CenterCrop
+(no squash) with the trigger pasted after at its protocol size. Every row with a patch
+trigger reports `view_trigger_scale`: the trigger's side in its training views over its
+side on a test image, beside the official pipeline's value.
+
 Writes into the output folder: inputs/ (the reference, support and background images
 used), poisons/<method>/ (images + manifest), encoders/<method>[-localized]/ (each
 pre-training run, resumable), results.json and report.md (`poisoning_report`).
@@ -47,9 +54,15 @@ from sslbackdoor.attacks.corruptencoder import (
     derive_mask,
     generate_corruptencoder,
     load_reference_objects,
+    read_manifest,
     save_png,
 )
-from sslbackdoor.attacks.crop_pairs import expected_attack_pairs
+from sslbackdoor.attacks.crop_pairs import (
+    expected_attack_pairs,
+    manifest_triggers,
+    official_view_trigger_scale,
+    view_trigger_scale,
+)
 from sslbackdoor.attacks.poisoning_baselines import BaselineConfig, generate_baseline
 from sslbackdoor.attacks.poisoning_report import method_label, render_poisoning_report
 from sslbackdoor.attacks.triggered_inputs import (
@@ -58,9 +71,17 @@ from sslbackdoor.attacks.triggered_inputs import (
     triggered_test_sets,
 )
 from sslbackdoor.config import DataSource, dump_config
-from sslbackdoor.data.datasets import Split, load_dataset
+from sslbackdoor.data.datasets import Split
+from sslbackdoor.data.native import (
+    NativeImages,
+    load_native_labelled,
+    load_native_sources,
+    pick,
+    read_native,
+    resize_center_crop,
+)
 from sslbackdoor.data.sources import load_sources
-from sslbackdoor.downstream.features import dataset_tensors, encode
+from sslbackdoor.downstream.features import encode
 from sslbackdoor.downstream.probe import ProbeConfig, predict, train_probe
 from sslbackdoor.engine import atomic_write_text, resolve_device, seed_everything
 from sslbackdoor.errors import UserInputError
@@ -106,7 +127,8 @@ class DownstreamTask(Strict):
     target_class: int = Field(..., ge=0, description="label (in the dataset) of the target")
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
-    probe: ProbeConfig = ProbeConfig(kind="linear", epochs=100, lr=1e-3, batch_size=256)
+    probe: ProbeConfig = ProbeConfig(kind="eval-linear", epochs=40, lr=0.01, batch_size=256,
+                                     weight_decay=1e-4)
 
 
 class PoisoningExperimentConfig(Strict):
@@ -131,13 +153,18 @@ class PoisoningExperimentConfig(Strict):
         None, description="folder of NAME.png + NAME_mask.png reference objects (e.g. the "
                           "authors' masked ImageNet references); replaces `references`")
     supports: ClassImages
+    support_images: int = Field(5, ge=1, description="CorruptEncoder+'s support images: the "
+                                                     "first N supports (5 in the official code)")
     backgrounds: DataSource
     random_images: DataSource | None = Field(
         None, description="the random images PoisonedEncoder triggers and pairs with a "
                           "reference (default: the backgrounds); loaded at background_size")
     background_size: int = Field(96, ge=8)
     trigger_size: int = Field(8, ge=1)
-    trigger_pattern: Literal["random", "white", "checkerboard"] = "random"
+    trigger_pattern: Literal["official", "random", "white", "checkerboard"] = "random"
+    trigger_image: str | None = Field(None, description="the official trigger_10.png (default: "
+                                                        "$SSLBACKDOOR_DATA/corruptencoder/"
+                                                        "triggers/trigger_10.png)")
     enlarged_trigger_scales: list[Annotated[int, Field(ge=2)]] = Field(
         default_factory=lambda: [2, 3],
         description="diagnostic: ASR also measured with the test trigger enlarged k× (same "
@@ -190,20 +217,19 @@ def check_target(config: PoisoningExperimentConfig) -> None:
                 f"attack assumes a target class absent from pre-training")
 
 
-def class_images(spec: ClassImages, image_size: int | None, data_root: str | None) -> torch.Tensor:
-    dataset = load_dataset(spec.dataset, spec.split, image_size=image_size,
-                           root=spec.root or data_root)
-    images, labels = dataset_tensors(dataset)
-    chosen = images[labels == spec.label][spec.offset:spec.offset + spec.count]
-    if chosen.shape[0] < spec.count:
-        available = int((labels == spec.label).sum())
-        raise UserInputError(f"{spec.dataset}/{spec.split} has {available} images of class "
+def class_images(spec: ClassImages, data_root: str | None) -> list[torch.Tensor]:
+    """`spec.count` images of class `spec.label` at their native sizes, uint8 [3,h,w]."""
+    images, labels = load_native_labelled(spec.dataset, spec.split, root=spec.root or data_root)
+    members = torch.nonzero(labels == spec.label).flatten()
+    chosen = members[spec.offset:spec.offset + spec.count]
+    if chosen.numel() < spec.count:
+        raise UserInputError(f"{spec.dataset}/{spec.split} has {members.numel()} images of class "
                              f"{spec.label}; {spec.count} after the first {spec.offset} "
                              f"requested")
-    return chosen
+    return list(pick(images, chosen))
 
 
-def write_images(folder: Path, images: torch.Tensor) -> list[Path]:
+def write_images(folder: Path, images: torch.Tensor | list[torch.Tensor]) -> list[Path]:
     paths = []
     for index, image in enumerate(images):
         path = folder / f"{index:05d}.png"
@@ -216,10 +242,11 @@ def write_images(folder: Path, images: torch.Tensor) -> list[Path]:
 class Inputs:
     """The attacker's images, loaded before anything is written: reference objects (with
     their masks), target-class supports, backgrounds and PoisonedEncoder's random images
-    (uint8 [N,3,H,W]; the backgrounds themselves unless configured apart)."""
+    (uint8 [3,h,w] at native size, or [N,3,H,W] at background_size; the random images are
+    the backgrounds themselves unless configured apart)."""
 
     references: list[ReferenceObject]
-    supports: torch.Tensor
+    supports: list[torch.Tensor]
     backgrounds: torch.Tensor
     random_images: torch.Tensor
 
@@ -229,17 +256,18 @@ def load_inputs(config: PoisoningExperimentConfig) -> Inputs:
         references = load_reference_objects(Path(config.reference_folder))
     else:
         assert config.references is not None  # one of the two, by validation
-        images = class_images(config.references, None, config.data_root)
         references = [ReferenceObject(f"{index:05d}.png", array, derive_mask(array))
-                      for index, array in enumerate(images.permute(0, 2, 3, 1).numpy())]
+                      for index, array in enumerate(image.permute(1, 2, 0).numpy() for image in
+                                                    class_images(config.references,
+                                                                 config.data_root))]
     backgrounds, _ = load_sources([config.backgrounds], config.background_size,
                                   data_root=config.data_root, seed=config.seed)
     random_images = backgrounds
     if config.random_images is not None:
         random_images, _ = load_sources([config.random_images], config.background_size,
                                         data_root=config.data_root, seed=config.seed)
-    return Inputs(references, class_images(config.supports, config.image_size,
-                                           config.data_root), backgrounds, random_images)
+    return Inputs(references, class_images(config.supports, config.data_root), backgrounds,
+                  random_images)
 
 
 def write_inputs(inputs: Inputs, out_dir: Path) -> dict[str, list[Path]]:
@@ -270,15 +298,14 @@ def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
     folder = out_dir / "poisons" / method
     if folder.exists():  # a smaller count must not leave earlier poisons behind
         shutil.rmtree(folder)
-    trigger = trigger_patch(config.trigger_size, config.trigger_pattern, None, config.seed)
-    layout = config.layout.model_copy(update={"output_size": config.image_size})
+    trigger = experiment_trigger(config)
     if method in CORRUPTENCODERS:
         support_ratio = config.support_ratio if method == "corruptencoder+" else 0.0
         generate_corruptencoder(load_reference_objects(inputs["references"][0].parent),
                                 inputs["backgrounds"], trigger,
                                 PoisonConfig(count=count, support_ratio=support_ratio,
-                                             seed=config.seed, layout=layout),
-                                folder, inputs["supports"])
+                                             seed=config.seed, layout=config.layout),
+                                folder, inputs["supports"][:config.support_images])
     else:
         generate_baseline(baseline_settings(config, method, count), folder,
                           target_images=inputs["supports"], trigger=trigger,
@@ -289,18 +316,26 @@ def make_poisons(config: PoisoningExperimentConfig, method: Method, count: int,
 def baseline_settings(config: PoisoningExperimentConfig, method: Method,
                       count: int) -> BaselineConfig:
     """How a baseline's poisons are made; CTRL's triggered test inputs reuse its settings."""
-    return BaselineConfig(method=method, count=count, seed=config.seed,
-                          output_size=config.image_size)
+    return BaselineConfig(method=method, count=count, seed=config.seed)
 
 
-def load_poisons(config: PoisoningExperimentConfig, poisons: Path | None
-                ) -> tuple[torch.Tensor | None, str | None]:
-    """The poisoned images as the encoder sees them (uint8 [P,3,S,S]) and their sha256."""
+def experiment_trigger(config: PoisoningExperimentConfig) -> np.ndarray:
+    """The patch trigger of every patch method and of the triggered test inputs."""
+    image = Path(config.trigger_image) if config.trigger_image else None
+    return trigger_patch(config.trigger_size, config.trigger_pattern, image, config.seed)
+
+
+def load_poisons(poisons: Path | None) -> tuple[list[torch.Tensor] | None, str | None]:
+    """The poisoned images as written, at their native sizes (uint8 [3,h,w], manifest
+    order), and a sha256 of their sizes and pixels."""
     if poisons is None:
         return None, None
-    images, _ = load_sources([DataSource(dataset=f"images:{poisons}", split="train")],
-                             config.image_size)
-    return images, hashlib.sha256(images.numpy().tobytes()).hexdigest()
+    images = [read_native(record["path"]) for record in read_manifest(poisons.parent)]
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(np.asarray(image.shape, dtype=np.int64).tobytes())
+        digest.update(image.numpy().tobytes())
+    return images, digest.hexdigest()
 
 
 def pretrain_config(config: PoisoningExperimentConfig, method: Method, digest: str | None,
@@ -350,46 +385,44 @@ def check_reusable(folder: Path, pretrain: PretrainConfig) -> bool:
     return True
 
 
-def pretrain_encoder(pretrain: PretrainConfig, clean: torch.Tensor,
-                     poison_images: torch.Tensor | None, out_dir: Path,
+def pretrain_encoder(pretrain: PretrainConfig, clean: NativeImages,
+                     poison_images: list[torch.Tensor] | None, out_dir: Path,
                      resume: bool) -> tuple[Path, bool]:
-    """Pre-train on clean images plus poisons unless `out_dir` holds exactly this run
-    finished already; returns the encoder file and whether it was reused."""
-    poisoned = 0 if poison_images is None else poison_images.shape[0]
+    """Pre-train on clean images plus poisons, all at native size, unless `out_dir` holds
+    exactly this run finished already; returns the encoder file and whether it was reused."""
+    poisoned = 0 if poison_images is None else len(poison_images)
     if check_reusable(out_dir, pretrain):
         log(f"{out_dir.name}: reusing the finished pre-training run in {out_dir}")
         return out_dir / "encoder.safetensors", True
-    log(f"pre-training {out_dir.name}: {clean.shape[0]} clean + {poisoned} poisoned images")
-    images = clean if poison_images is None else torch.cat([clean, poison_images])
+    log(f"pre-training {out_dir.name}: {len(clean)} clean + {poisoned} poisoned images")
+    images = clean if poison_images is None else NativeImages.of([clean, poison_images])
     run_pretrain(pretrain, out_dir, resume=resume, images=images)
     return out_dir / "encoder.safetensors", False
 
 
 def downstream_data(config: PoisoningExperimentConfig) -> dict[str, torch.Tensor]:
-    """Train/test images and labels of the downstream classes, labels renumbered 0..C-1."""
+    """Train/test images of the downstream classes as the official evaluation sees them
+    (Resize + CenterCrop of the native image, uint8 [N,3,S,S]) and their labels,
+    renumbered 0..C-1."""
     task = config.downstream
     out: dict[str, torch.Tensor] = {}
     splits: tuple[tuple[Split, int | None], ...] = (("train", task.train_limit),
                                                     ("test", task.test_limit))
     for split, limit in splits:
-        images, labels = dataset_tensors(load_dataset(task.dataset, split,
-                                                      image_size=config.image_size,
-                                                      root=config.data_root))
-        keep = torch.isin(labels, torch.tensor(task.classes))
-        images, labels = images[keep][:limit], labels[keep][:limit]
+        images, labels = load_native_labelled(task.dataset, split, root=config.data_root)
+        keep = torch.nonzero(torch.isin(labels, torch.tensor(task.classes))).flatten()[:limit]
         remap = {c: i for i, c in enumerate(task.classes)}
-        out[f"{split}_images"] = images
-        out[f"{split}_labels"] = torch.tensor([remap[int(y)] for y in labels])
+        out[f"{split}_images"] = resize_center_crop(pick(images, keep), config.image_size)
+        out[f"{split}_labels"] = torch.tensor([remap[int(y)] for y in labels[keep]])
     return out
 
 
 def triggered_test_inputs(config: PoisoningExperimentConfig,
                           images: torch.Tensor) -> TriggeredTestSets:
     """The triggered test inputs every method of this experiment is attacked with."""
-    trigger = trigger_patch(config.trigger_size, config.trigger_pattern, None, config.seed)
     ctrl = baseline_settings(config, "ctrl", 1) if "ctrl" in config.methods else None
-    return triggered_test_sets(images, trigger, config.enlarged_trigger_scales, ctrl,
-                               config.seed + 1)
+    return triggered_test_sets(images, experiment_trigger(config),
+                               config.enlarged_trigger_scales, ctrl, config.seed + 1)
 
 
 def evaluate(config: PoisoningExperimentConfig, encoder_path: Path, method: Method,
@@ -428,7 +461,7 @@ def run_name(method: Method, localized: bool) -> str:
     return f"{method}{'-localized' if localized else ''}"
 
 
-PoisonSets = dict[Method, tuple[torch.Tensor | None, str | None]]
+PoisonSets = dict[Method, tuple[list[torch.Tensor] | None, str | None]]
 
 
 def prepare_poisons(config: PoisoningExperimentConfig, loaded: Inputs, count: int,
@@ -437,20 +470,26 @@ def prepare_poisons(config: PoisoningExperimentConfig, loaded: Inputs, count: in
     inputs = write_inputs(loaded, root)
     poisons: PoisonSets = {}
     for method in config.methods:
-        poisons[method] = load_poisons(config, make_poisons(config, method, count, inputs, root))
+        poisons[method] = load_poisons(make_poisons(config, method, count, inputs, root))
     return inputs, poisons
 
 
 def attack_pairs(config: PoisoningExperimentConfig, method: Method, localized: bool,
                  out_dir: Path) -> dict[str, Any]:
     """For CorruptEncoder(+) runs, how many trigger-view/object-view positive pairs
-    pre-training is expected to draw (see `crop_pairs`); nothing for other methods."""
-    if method not in CORRUPTENCODERS:
+    pre-training is expected to draw (see `crop_pairs`); for every patch method, the
+    trigger's size in its training views over its size on a test image."""
+    if method in ("clean", "ctrl"):
         return {}
     augment = config.simclr.augment.model_copy(update={"localized_crop": localized})
-    return {"attack_pairs": expected_attack_pairs(out_dir / "poisons" / method,
-                                                  config.image_size, augment,
-                                                  config.simclr.epochs, config.seed)}
+    folder = out_dir / "poisons" / method
+    scale = {"view_trigger_scale": view_trigger_scale(manifest_triggers(folder),
+                                                      config.image_size, config.trigger_size,
+                                                      augment, seed=config.seed)}
+    if method not in CORRUPTENCODERS:
+        return scale
+    return {**scale, "attack_pairs": expected_attack_pairs(folder, config.image_size, augment,
+                                                           config.simclr.epochs, config.seed)}
 
 
 def poison_count(config: PoisoningExperimentConfig, clean_images: int) -> int:
@@ -464,12 +503,12 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
     device = resolve_device(config.device)
     seed_everything(config.seed)
     started = time.perf_counter()
-    clean, provenance = load_sources(config.pretrain_data, config.image_size,
-                                     data_root=config.data_root, seed=config.seed)
+    clean, provenance = load_native_sources(config.pretrain_data, data_root=config.data_root,
+                                            seed=config.seed)
     data = downstream_data(config)
     loaded = load_inputs(config)
     out_dir = Path(out_dir)
-    count = poison_count(config, clean.shape[0])
+    count = poison_count(config, len(clean))
     runs = [(method, localized) for method in config.methods
             for localized in config.localized_crop]
     if any(finished_hash(out_dir / "encoders" / run_name(*run)) is not None for run in runs):
@@ -502,7 +541,8 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
                          "poisons_sha256": digest, "reused": reused})
     results = {"schema": "sslbackdoor.corruptencoder/1", "kind": config.kind, "name": config.name,
                "seed": config.seed, "config": config.model_dump(mode="json"), "rows": rows,
-               "clean_images": int(clean.shape[0]), "poison_count": count,
+               "clean_images": len(clean), "poison_count": count,
+               "official_view_trigger_scale": official_view_trigger_scale(),
                "encoders": encoders,
                "provenance": {"pretrain": provenance,
                               "inputs": {k: len(v) for k, v in inputs.items()}},
@@ -516,13 +556,13 @@ def run_poisoning_experiment(config: PoisoningExperimentConfig, out_dir: Path,
 def dry_run(config: PoisoningExperimentConfig) -> list[str]:
     """Load every input (clean set, downstream task, references, supports, backgrounds)
     without writing or training; one line per pre-training run."""
-    clean, _ = load_sources(config.pretrain_data, config.image_size,
-                            data_root=config.data_root, seed=config.seed)
+    clean, _ = load_native_sources(config.pretrain_data, data_root=config.data_root,
+                                   seed=config.seed)
     data = downstream_data(config)
     inputs = load_inputs(config)
-    count = poison_count(config, clean.shape[0])
-    lines = [f"inputs: {clean.shape[0]} clean images, {count} poisons per method, "
-             f"{len(inputs.references)} references, {inputs.supports.shape[0]} supports, "
+    count = poison_count(config, len(clean))
+    lines = [f"inputs: {len(clean)} clean images, {count} poisons per method, "
+             f"{len(inputs.references)} references, {len(inputs.supports)} supports, "
              f"{inputs.backgrounds.shape[0]} backgrounds, {inputs.random_images.shape[0]} "
              "random images; downstream "
              f"{data['train_labels'].numel()} train / {data['test_labels'].numel()} test"]

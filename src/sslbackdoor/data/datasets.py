@@ -225,6 +225,27 @@ def load_dataset(name: str, split: Split = "train", *, image_size: int | None = 
     return dataset
 
 
+def native_size_known(name: str) -> bool:
+    """Whether every image of a registered dataset has one native size (then
+    `load_dataset(..., image_size=None)` loads it unresized in one batch)."""
+    _ensure_sources_registered()
+    kind, _, arg = name.partition(":")
+    entry = (DATASETS.get(f"{kind}:") if arg else None) or DATASETS.get(kind)
+    return entry is not None and entry.native_size is not None
+
+
+def native_image(dataset: ImageDataset, index: int) -> torch.Tensor:
+    """Item `index` of a lazily decoded dataset at its own size and aspect, uint8 [3,h,w]:
+    CorruptEncoder's pre-training cuts views from the native image, never from a square."""
+    if isinstance(dataset, SubsetDataset):
+        return native_image(dataset.base, int(dataset.indices[index]))
+    if isinstance(dataset, TransformedDataset):
+        image, _ = dataset.base[index]
+        return to_uint8_chw(image, None)
+    raise UserInputError(f"{dataset.provenance}: its images exist only resized to one size, "
+                         f"so they cannot be read at their native size")
+
+
 def dataset_labels(dataset: ImageDataset) -> torch.Tensor:
     """Labels of a dataset without decoding images where the source allows it."""
     if isinstance(dataset, TensorImageDataset):

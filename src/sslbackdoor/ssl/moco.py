@@ -4,8 +4,9 @@
 * `momentum_update` / `momentum_copy`: the key network as an EMA of the online network.
 * `KeyQueue`: the fixed-size first-in first-out queue of earlier keys, a module whose
   buffers (keys, position) are saved and restored with the rest of the training state.
-* `MoCoModel`: online network (encoder + 2-layer MLP head, `SimCLRModel`), key network and
-  queue in one module; `keys` emulates MoCo's shuffled BatchNorm on one process.
+* `MoCoModel`: online network (encoder + MoCo v2's 2-layer MLP head Linear-ReLU-Linear,
+  no BatchNorm), key network and queue in one module; `keys` emulates MoCo's shuffled
+  BatchNorm on one process.
 
 CorruptEncoder's setting: τ 0.2, queue 65,536, momentum 0.999, SGD lr 0.06 with a cosine
 schedule, 2-layer MLP head. The training loop is `ssl.pretrain.ContrastiveTrainer`.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslbackdoor.models.encoders import Encoder
-from sslbackdoor.ssl.simclr import SimCLRModel
+from sslbackdoor.ssl.simclr import SimCLRModel, projection_head
 
 
 def moco_loss(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor,
@@ -108,15 +109,20 @@ def unshuffle(shuffled: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 class MoCoModel(nn.Module):
     """MoCo v2: online network, momentum key network and key queue in one module.
 
-    `online` is a `SimCLRModel` (encoder + Linear-BN-ReLU-Linear head, as MoCo v2);
-    `key_network` its frozen momentum copy; `queue` a `KeyQueue` [queue_size, out_dim].
+    `online` is a `SimCLRModel` whose head is replaced by MoCo v2's (Linear-ReLU-Linear,
+    same sizes, no BatchNorm; `head_batch_norm=True` keeps SimCLR's); `key_network` its
+    frozen momentum copy; `queue` a `KeyQueue` [queue_size, out_dim].
     `forward(images [B,3,H,W] in [0,1])` → online projections [B,out_dim];
     `encoder` is the online encoder (what pre-training produces).
     """
 
     def __init__(self, online: SimCLRModel, queue_size: int = 65536,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, head_batch_norm: bool = False) -> None:
         super().__init__()
+        if not head_batch_norm and any(isinstance(m, nn.BatchNorm1d) for m in online.head.modules()):
+            linears = [m for m in online.head.modules() if isinstance(m, nn.Linear)]
+            online.head = projection_head(linears[0].in_features, linears[0].out_features,
+                                          linears[-1].out_features, batch_norm=False)
         self.online = online
         self.key_network = momentum_copy(online)
         out_dim = [m for m in online.head.modules() if isinstance(m, nn.Linear)][-1].out_features

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sslbackdoor.config import DataSource, dump_config, format_validation_error
 from sslbackdoor.data.datasets import Split, load_dataset
+from sslbackdoor.data.native import PretrainImages, device_images, image_sizes
 from sslbackdoor.downstream.features import dataset_tensors
 from sslbackdoor.downstream.probe import ProbeConfig
 from sslbackdoor.engine import (
@@ -43,7 +44,6 @@ from sslbackdoor.engine import (
     autocast,
     prepare_module,
     seed_everything,
-    to_device_images,
 )
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.experiment import environment
@@ -301,31 +301,31 @@ class ContrastiveTrainer:
             group["lr"] = lr
         return lr
 
-    def train_epoch(self, images: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One epoch over uint8 images [N,3,H,W] (drop_last) → mean loss and speed."""
+    def train_epoch(self, images: PretrainImages, epoch: int) -> dict[str, float]:
+        """One epoch over uint8 images [N,3,H,W] or `NativeImages` (drop_last) → mean loss
+        and speed."""
         batch = self.config.simclr.batch_size
-        steps = images.shape[0] // batch
+        steps = len(images) // batch
         if steps == 0:
-            raise UserInputError(f"{images.shape[0]} training images are fewer than one batch "
+            raise UserInputError(f"{len(images)} training images are fewer than one batch "
                                  f"({batch}); lower simclr.batch_size")
         self.set_learning_rate(epoch)
         generator = self.epoch_generator(epoch)
         key_generator = (self.epoch_generator(epoch, stream=1)
                          if isinstance(self.model, MoCoModel) else None)
-        order = torch.randperm(images.shape[0], generator=generator)
+        order = torch.randperm(len(images), generator=generator)
         self.model.train()
         started, total = time.perf_counter(), 0.0
         for step in track(range(steps), f"{self.label} epoch {epoch + 1}", total=steps):
             index = order[step * batch:(step + 1) * batch]
-            params = self.views.sample_pairs(batch, images.shape[-2], images.shape[-1],
-                                             generator)
+            params = self.views.sample_pairs(batch, *image_sizes(images[index]), generator)
             total += float(self.step(images[index], params, key_generator))
         seconds = time.perf_counter() - started
         loss = mean_over_processes(total / steps, self.context, self.device)
         return {"loss": loss, "seconds": round(seconds, 3),
                 "images_per_second": round(steps * batch / seconds, 2)}
 
-    def step(self, batch: torch.Tensor, params: ViewParams,
+    def step(self, batch: PretrainImages, params: ViewParams,
              key_generator: torch.Generator | None = None) -> torch.Tensor:
         """One update on a global batch (uint8 [B,3,H,W]) with view params of 2B views
         (rows i and B+i: the two views of image i); a distributed process uses only its
@@ -333,9 +333,9 @@ class ContrastiveTrainer:
         (local) loss."""
         if isinstance(self.model, MoCoModel):
             return self._moco_step(self.model, batch, params, key_generator)
-        size = batch.shape[0]
+        size = len(batch)
         part = local_slice(size, self.context)
-        local = to_device_images(batch[part], self.device)
+        local = device_images(batch[part], self.device)
         views = torch.cat([self.views.apply(local, params[part]),
                            self.views.apply(local, params[size:][part])])
         with autocast(self.device, self.config.simclr.precision == "bf16"):
@@ -348,16 +348,16 @@ class ContrastiveTrainer:
         self.optimizer.step()
         return loss.detach()
 
-    def _moco_step(self, model: MoCoModel, batch: torch.Tensor, params: ViewParams,
+    def _moco_step(self, model: MoCoModel, batch: PretrainImages, params: ViewParams,
                    generator: torch.Generator | None) -> torch.Tensor:
         """Queries = online(view 1) of this process's slice; keys = key network(view 2) of
         the global batch; InfoNCE against the queue; then the optimizer step, the momentum
         update of the key network and the keys (the same on every process) enqueued."""
         simclr = self.config.simclr
         assert simclr.moco is not None
-        size = batch.shape[0]
+        size = len(batch)
         part = local_slice(size, self.context)
-        local = to_device_images(batch[part], self.device)
+        local = device_images(batch[part], self.device)
         queries_in = self.views.apply(local, params[part])
         with autocast(self.device, simclr.precision == "bf16"):
             queries = self.network(queries_in.contiguous(memory_format=torch.channels_last))
@@ -371,7 +371,7 @@ class ContrastiveTrainer:
         model.queue.enqueue(keys)
         return loss.detach()
 
-    def _moco_keys(self, model: MoCoModel, batch: torch.Tensor, params: ViewParams,
+    def _moco_keys(self, model: MoCoModel, batch: PretrainImages, params: ViewParams,
                    generator: torch.Generator | None) -> torch.Tensor:
         """Key projections float [B,D] of the second views of the global batch uint8
         [B,3,H,W] (params of B views), identical on every process.
@@ -382,10 +382,10 @@ class ContrastiveTrainer:
         are gathered and put back in order. Alone, this is `MoCoModel.keys` on all views.
         """
         assert self.config.simclr.moco is not None
-        size = batch.shape[0]
+        size = len(batch)
         order = torch.randperm(size, generator=generator)
         mine = order[local_slice(size, self.context)]
-        views = self.views.apply(to_device_images(batch[mine], self.device), params[mine])
+        views = self.views.apply(device_images(batch[mine], self.device), params[mine])
         splits = self.config.simclr.moco.bn_splits // self.context.world_size
         local = model.key_projections(views.contiguous(memory_format=torch.channels_last),
                                       splits)
@@ -399,7 +399,7 @@ class ContrastiveTrainer:
 
 
 def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
-                 images: torch.Tensor | None = None) -> dict[str, Any]:
+                 images: PretrainImages | None = None) -> dict[str, Any]:
     """Pre-train, checkpointing every epoch; returns the results also in results.json.
 
     `images` (uint8 [N,3,S,S]) replaces loading `config.data`, for callers that build the
@@ -412,7 +412,7 @@ def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
     if images is None:
         images, provenance = load_pretrain_images(config)
     else:
-        provenance = [{"images": int(images.shape[0]), "source": "given by the caller"}]
+        provenance = [{"images": len(images), "source": "given by the caller"}]
     monitor = load_monitor_data(config) if context.is_main else None
     trainer = ContrastiveTrainer(config, device, context)
     # Only rank 0 writes, so only it locks the folder (the others would refuse themselves).
@@ -428,7 +428,7 @@ def run_pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False,
     return results
 
 
-def _train(trainer: ContrastiveTrainer, images: torch.Tensor, out_dir: Path, resume: bool,
+def _train(trainer: ContrastiveTrainer, images: PretrainImages, out_dir: Path, resume: bool,
            monitor: tuple[LabeledImages, LabeledImages] | None) -> list[dict[str, Any]]:
     config, context = trainer.config, trainer.context
     state_path = out_dir / "training_state.safetensors"
