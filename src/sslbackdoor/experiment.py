@@ -172,6 +172,9 @@ def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
     """
     timings = Timings()
     device = resolve_device(config.device)
+    # Before anything draws random numbers: a randomly initialised encoder (weights: null)
+    # would otherwise differ between two runs of one config.
+    seed_everything(config.seed)
     started = time.perf_counter()
     tasks = load_tasks(config)
     prepared = prepare_attack(config, tasks)

@@ -251,6 +251,11 @@ def plan_cells(grid: GridConfig) -> list[Cell]:
             cells += _cells_for(grid, encoder, index)
         if grid.study == "multi-target" and len(indices) > 1:
             cells.append(_cell(grid, encoder, indices, "all", default_shadow(grid, encoder)))
+    ids = [cell.id for cell in cells]
+    if len(set(ids)) < len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise UserInputError(f"grid cells {', '.join(twice)} would share a folder: give each "
+                             f"target its own task or target_class")
     return cells
 
 
@@ -268,6 +273,14 @@ def _cells_for(grid: GridConfig, encoder: GridEncoder, index: int) -> list[Cell]
             for variant in grid.shadows]
 
 
+def _target_label(grid: GridConfig, index: int) -> str:
+    """The target's task, plus its class where another target shares the task (their cells
+    would otherwise share a folder, and --resume would continue one from the other)."""
+    target = grid.targets[index]
+    shared = sum(t.task == target.task for t in grid.targets) > 1
+    return f"{target.task}-class{target.target_class}" if shared else target.task
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in text.lower()).strip("-")
 
@@ -281,7 +294,7 @@ def _cell(grid: GridConfig, encoder: GridEncoder, indices: list[int],
         if trigger_size is not None:
             target["trigger"]["size"] = trigger_size
         targets.append(target)
-    task = "all-targets" if len(indices) > 1 else grid.targets[indices[0]].task
+    task = "all-targets" if len(indices) > 1 else _target_label(grid, indices[0])
     parts = [encoder.name, task] + ([str(variable)] if variable not in (None, "one") else [])
     cell_id = "__".join(_slug(p) for p in parts)
     raw = {"name": f"{grid.name}-{cell_id}", "kind": "badencoder", "seed": cell_seed(grid),

@@ -14,8 +14,10 @@ indices 1.94 / 1.34 / 1.25, MNTD 0.52, PatchGuard certified accuracy 0 with ASR 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sslbackdoor.attacks.badencoder import BadEncoderConfig
-from sslbackdoor.config import DataSource, EncoderSpec, ReferenceSpec
+from sslbackdoor.config import DataSource, EncoderSpec, ReferenceSpec, dump_config
 from sslbackdoor.data.datasets import load_dataset
 from sslbackdoor.data.triggers import Trigger, TriggerSpec
 from sslbackdoor.defenses.decree import DecreeConfig, decree_scan, save_png, write_decree_outputs
@@ -135,8 +137,10 @@ def neural_cleanse_on_task(encoder: Encoder, task: TaskData, config: NeuralClean
     return summary
 
 
-def backdoored_encoder(config: DefensesConfig, out_dir: Path) -> tuple[Encoder, dict[str, Any]]:
-    """The given backdoored checkpoint, or one made now by BadEncoder on the clean encoder."""
+def backdoored_encoder(config: DefensesConfig, out_dir: Path,
+                       resume: bool = False) -> tuple[Encoder, dict[str, Any]]:
+    """The given backdoored checkpoint, or one made now by BadEncoder on the clean encoder
+    (checkpointed every epoch in `out_dir/attack`; with `resume`, continued from there)."""
     if config.backdoored_encoder is not None:
         path = Path(config.backdoored_encoder)
         return load_encoder(path, None), encoder_provenance(path, None)
@@ -153,7 +157,7 @@ def backdoored_encoder(config: DefensesConfig, out_dir: Path) -> tuple[Encoder, 
                      "trigger": config.trigger.model_dump(),
                      "references": config.attack.references.model_dump()}],
         "attack": config.attack.config.model_dump()})
-    stage = run_attack_stage(attack_config, out_dir / "attack")
+    stage = run_attack_stage(attack_config, out_dir / "attack", resume=resume)
     return (load_encoder(stage.encoder_path, None),
             encoder_provenance(stage.encoder_path, None))
 
@@ -166,11 +170,34 @@ class _Clock:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 1)
 
 
+class _Stages:
+    """Finished stages of one run, one JSON file each under `out_dir/stages`, keyed by the
+    config's hash: with --resume a stage that finished before an interruption is read back
+    instead of recomputed. Every stage re-seeds, so its numbers do not depend on which
+    stages ran before it in this process."""
+
+    def __init__(self, config: DefensesConfig, out_dir: Path, resume: bool) -> None:
+        self.config, self.folder, self.resume = config, out_dir / "stages", resume
+        self.hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
+
+    def run(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.folder / f"{name}.json"
+        if self.resume and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("config_hash") == self.hash:
+                log(f"{name}: finished earlier, reused")
+                return dict(saved["result"])
+        seed_everything(self.config.seed)
+        result = compute()
+        atomic_write_text(path, json.dumps({"config_hash": self.hash, "result": result},
+                                           indent=2))
+        return result
+
+
 def run_defenses_experiment(config: DefensesConfig, out_dir: Path,
                             resume: bool = False) -> dict[str, Any]:
     """Everything in the module docstring; returns the dict written to results.json."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     clock = _Clock()
@@ -183,24 +210,25 @@ def run_defenses_experiment(config: DefensesConfig, out_dir: Path,
     shadow = _defender_shadow(config)
     trigger = Trigger.from_spec(config.trigger, config.image_size)
     clock.lap("load", started)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_config(config))
+    stages = _Stages(config, out_dir, resume)
     started = time.perf_counter()
-    backdoored, provenance = backdoored_encoder(config, out_dir)
+    backdoored, provenance = backdoored_encoder(config, out_dir, resume)
     clock.lap("attack", started)
     encoders = {"clean": clean, "backdoored": backdoored}
     per_encoder = {name: _defend_one(name, model, task, shadow, trigger, config, device,
-                                     out_dir, clock) for name, model in encoders.items()}
+                                     out_dir, clock, stages) for name, model in encoders.items()}
     started = time.perf_counter()
-    log("MNTD: shadow encoders from the clean encoder")
-    mntd = run_mntd(clean, shadow, config.mntd, device, seed=config.seed)
-    for name, model in encoders.items():
-        score = meta_score(mntd.meta, model, device)
+    mntd = stages.run("mntd", lambda: _mntd_stage(clean, encoders, shadow, config, device))
+    for name, score in mntd["scores"].items():
         per_encoder[name]["mntd"] = {"score": score,
                                      "flagged": score > config.mntd.score_threshold}
     clock.lap("mntd", started)
     results = {
         "schema": RESULTS_SCHEMA, "name": config.name, "kind": config.kind, "seed": config.seed,
         "config": config.model_dump(mode="json"),
-        "encoders": per_encoder, "mntd": mntd.summary(),
+        "encoders": per_encoder, "mntd": mntd["summary"],
         "tasks": [_task_row(config, task, per_encoder)],
         "provenance": {"clean_encoder": encoder_provenance(config.encoder.weights,
                                                            config.encoder.arch),
@@ -216,6 +244,15 @@ def run_defenses_experiment(config: DefensesConfig, out_dir: Path,
     return results
 
 
+def _mntd_stage(clean: Encoder, encoders: dict[str, Encoder], shadow: torch.Tensor,
+                config: DefensesConfig, device: torch.device) -> dict[str, Any]:
+    log("MNTD: shadow encoders from the clean encoder")
+    mntd = run_mntd(clean, shadow, config.mntd, device, seed=config.seed)
+    return {"summary": mntd.summary(),
+            "scores": {name: meta_score(mntd.meta, model, device)
+                       for name, model in encoders.items()}}
+
+
 def _defender_shadow(config: DefensesConfig) -> torch.Tensor:
     source = config.defender_shadow
     dataset = load_dataset(source.dataset, source.split, image_size=config.image_size,
@@ -229,28 +266,35 @@ def _defender_shadow(config: DefensesConfig) -> torch.Tensor:
 
 def _defend_one(name: str, encoder: Encoder, task: TaskData, shadow: torch.Tensor,
                 trigger: Trigger, config: DefensesConfig, device: torch.device,
-                out_dir: Path, clock: _Clock) -> dict[str, Any]:
+                out_dir: Path, clock: _Clock, stages: _Stages) -> dict[str, Any]:
     """Neural Cleanse (+ unlearning), DECREE and PatchGuard against one encoder."""
     folder = out_dir / name
-    started = time.perf_counter()
-    log(f"{name} encoder: Neural Cleanse on its {task.name} classifier")
-    nc = neural_cleanse_on_task(encoder, task, config.neural_cleanse, config.probe, device,
-                                seed=config.seed, target_class=config.target_class,
-                                trigger=trigger, mitigate=config.mitigate, out_dir=folder)
-    clock.lap("neural_cleanse", started)
-    started = time.perf_counter()
-    log(f"{name} encoder: DECREE")
-    decree = decree_scan(encoder, shadow, config.decree, device, seed=config.seed)
-    write_decree_outputs(decree, shadow, folder / "decree")
-    clock.lap("decree", started)
-    started = time.perf_counter()
-    log(f"{name} encoder: PatchGuard")
-    patchguard = evaluate_patchguard(encoder, task.train_images, task.train_labels,
-                                     task.test_images, task.test_labels, len(task.classes),
-                                     config.patchguard, device, trigger=trigger,
-                                     target=config.target_class, seed=config.seed)
-    clock.lap("patchguard", started)
-    return {"neural_cleanse": nc, "decree": decree.summary(), "patchguard": patchguard.summary()}
+
+    def nc() -> dict[str, Any]:
+        log(f"{name} encoder: Neural Cleanse on its {task.name} classifier")
+        return neural_cleanse_on_task(encoder, task, config.neural_cleanse, config.probe, device,
+                                      seed=config.seed, target_class=config.target_class,
+                                      trigger=trigger, mitigate=config.mitigate, out_dir=folder)
+
+    def decree() -> dict[str, Any]:
+        log(f"{name} encoder: DECREE")
+        result = decree_scan(encoder, shadow, config.decree, device, seed=config.seed)
+        write_decree_outputs(result, shadow, folder / "decree")
+        return dict(result.summary())
+
+    def patchguard() -> dict[str, Any]:
+        log(f"{name} encoder: PatchGuard")
+        return dict(evaluate_patchguard(encoder, task.train_images, task.train_labels,
+                                        task.test_images, task.test_labels, len(task.classes),
+                                        config.patchguard, device, trigger=trigger,
+                                        target=config.target_class, seed=config.seed).summary())
+
+    entry = {}
+    for stage, compute in (("neural_cleanse", nc), ("decree", decree), ("patchguard", patchguard)):
+        started = time.perf_counter()
+        entry[stage] = stages.run(f"{name}-{stage}", compute)
+        clock.lap(stage, started)
+    return entry
 
 
 def _task_row(config: DefensesConfig, task: TaskData,
