@@ -334,3 +334,14 @@ def test_findings_of_a_sweep_check_ba_against_ca_at_every_value() -> None:
     assert "FM → task0 [2]: CA 94.70, BA 93.00" in text
     sweep["cells"][0]["tasks"][0]["ba"] = 0.945
     assert "**holds** (2 of 2 values)" in findings_section(sweep)[1]
+
+
+def test_targets_sharing_a_task_get_their_own_cell_folders(tmp_path: Path) -> None:
+    raw = tiny_grid(tmp_path / "cache")
+    second = {**raw["targets"][0], "target_class": 7}
+    _, config = validate_experiment({**raw, "targets": [raw["targets"][0], second]}, "grid")
+    assert [c.id for c in plan_cells(config)] == ["digits__sklearn-digits-class1",  # type: ignore[arg-type]
+                                                  "digits__sklearn-digits-class7"]
+    _, same = validate_experiment({**raw, "targets": [raw["targets"][0]] * 2}, "grid")
+    with pytest.raises(UserInputError, match="would share a folder"):
+        plan_cells(same)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 Writes into the output folder:
   config.yaml                    the fully resolved config (re-runnable with `sslbackdoor run`)
   attack_state.safetensors       the attack's per-epoch checkpoint (for --resume)
+  attack_state.trajectory        hash of the attack that checkpoint belongs to
   backdoored_encoder.safetensors the backdoored encoder
   results.json                   metrics, provenance, timings (schema in README)
   similarity_cdf.png, report.md  the paper's Fig. 4 analogue and the report
@@ -146,13 +147,38 @@ def run_attack_stage(config: ExperimentConfig, out_dir: Path, resume: bool = Fal
     attack = BadEncoderAttack(prepared.clean, prepared.targets, config.attack, device,
                               seed=config.seed)
     with output_lock(out_dir):
-        result = attack.run(prepared.shadow, checkpoint=out_dir / "attack_state.safetensors",
-                            resume=resume)
+        checkpoint = out_dir / "attack_state.safetensors"
+        check_attack_checkpoint(config, checkpoint, resume)
+        result = attack.run(prepared.shadow, checkpoint=checkpoint, resume=resume)
         path = out_dir / "backdoored_encoder.safetensors"
         sha = save_encoder(result.encoder, path, {"config_hash": config_hash(config),
                                                   "targets": [t.name for t in prepared.targets],
                                                   "image_size": str(config.image_size)})
     return AttackStage(prepared, attack, result, path, sha)
+
+
+def attack_trajectory(config: ExperimentConfig) -> str:
+    """Hash of what the attack's weights depend on, epochs and device aside (a resumed run
+    may train longer, or elsewhere)."""
+    settings = config.model_dump(mode="json", include={"seed", "image_size", "encoder",
+                                                       "shadow", "targets", "attack"})
+    settings["attack"].pop("epochs", None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_attack_checkpoint(config: ExperimentConfig, checkpoint: Path, resume: bool) -> None:
+    """Refuse to --resume from another attack's checkpoint (it would silently continue that
+    attack); then record this attack's trajectory beside the checkpoint."""
+    record = checkpoint.with_name("attack_state.trajectory")
+    expected = attack_trajectory(config)
+    if resume and checkpoint.is_file() and record.is_file() and \
+            record.read_text(encoding="utf-8").strip() != expected:
+        raise UserInputError(f"{checkpoint} was written by a different attack (encoder, "
+                             f"shadow, targets, trigger, seed or attack settings differ); use a "
+                             f"new --out folder or run without --resume")
+    if not resume:  # a fresh start: an old checkpoint must not be resumed under this record
+        checkpoint.unlink(missing_ok=True)
+    atomic_write_text(record, expected + "\n")
 
 
 def load_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
