@@ -27,6 +27,7 @@ from sslbackdoor.attacks.poisoning_baselines import (
 from sslbackdoor.cli import main
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.ssl.simclr import crop_boxes, localized_boxes
+from tests.conftest import INTEROP
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
@@ -121,7 +122,7 @@ def test_official_reference_layout_reads_the_segmentation(tmp_path: Path) -> Non
 
 def test_a_folder_in_neither_reference_layout_is_refused(tmp_path: Path) -> None:
     write_png(tmp_path / "photos" / "1.JPEG", np.zeros((20, 20, 3), dtype=np.uint8))
-    with pytest.raises(UserInputError, match="matches neither layout: expected N/img.png"):
+    with pytest.raises(UserInputError, match=r"matches neither layout: expected N/img\.png"):
         load_reference_objects(tmp_path / "photos")
 
 
@@ -263,7 +264,7 @@ def test_a_manifest_whose_paths_leave_its_folder_is_refused(tmp_path: Path) -> N
         folder = tmp_path / f"m{abs(hash(name))}"
         folder.mkdir()
         (folder / "manifest.json").write_text(json.dumps({"poisons": [{"file": name}]}))
-        with pytest.raises(UserInputError, match="leaves .*no absolute path, no '..'"):
+        with pytest.raises(UserInputError, match=r"leaves .*no absolute path, no '\.\.'"):
             read_manifest(folder)
     folder = tmp_path / "ok"
     folder.mkdir()
@@ -277,3 +278,34 @@ def test_crop_pairs_refuse_an_escaping_manifest_with_one_line(
     with pytest.raises(UserInputError) as info:
         manifest_boxes(tmp_path)
     assert "\n" not in str(info.value) and "leaves" in str(info.value)
+
+
+OFFICIAL = INTEROP / "corruptencoder"
+
+
+def test_the_official_release_poisons_as_the_official_generator_does(tmp_path: Path) -> None:
+    """`sslbackdoor poison corruptencoder` on the official hunting-dog references, Places365
+    backgrounds and trigger_10.png writes the canvases the official generator writes:
+    656–718 × 238–303 px, the 40 px trigger a median 5.8% of the width, 13.3% of the height."""
+    out = tmp_path / "poisons"
+    main(["poison", "corruptencoder", "--references", str(OFFICIAL / "references" / "hunting-dog"),
+          "--backgrounds", str(OFFICIAL / "backgrounds"), "--count", "30", "--support-ratio",
+          "0.2", "--trigger-image", str(OFFICIAL / "triggers" / "trigger_10.png"),
+          "--out", str(out)])
+    records = json.loads((out / "manifest.json").read_text())["poisons"]
+    widths, heights, by_width, by_height = [], [], [], []
+    for record in records:
+        width, height = Image.open(out / "images" / record["file"]).size
+        if record["kind"] == "support":  # a 500 px support capped at 400, beside its reference
+            assert width == 800 and record["background"].endswith(".JPEG")
+            continue
+        widths.append(width)
+        heights.append(height)
+        by_width.append(40 / width)
+        by_height.append(40 / height)
+    assert len(widths) == 24 and {r["reference"] for r in records} == {"1/img.png", "2/img.png",
+                                                                       "3/img.png"}
+    assert 656 <= min(widths) and max(widths) <= 718
+    assert 238 <= min(heights) and max(heights) <= 303
+    assert float(np.median(by_width)) == pytest.approx(0.058, abs=0.003)
+    assert float(np.median(by_height)) == pytest.approx(0.133, abs=0.01)

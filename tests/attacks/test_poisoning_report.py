@@ -10,6 +10,7 @@ from sslbackdoor.attacks.poisoning_report import (
     enlarged_trigger_section,
     poisoning_findings,
     render_poisoning_report,
+    view_scale_section,
 )
 
 
@@ -146,3 +147,14 @@ def test_localized_cropping_is_judged_where_the_backdoors_show() -> None:
     rows[3]["asr_enlarged"] = {"16": 0.3, "24": 0.0}
     assert any(line.startswith("- **Does not hold**: with localized cropping no method")
                for line in poisoning_findings(rows))
+
+
+def test_view_scale_section_sits_beside_the_official_pipeline() -> None:
+    rows = _rows({("clean", False): (80.0, 1.0), ("corruptencoder", False): (80.0, 90.0)})
+    rows[1]["view_trigger_scale"] = {"p10": 0.6, "median": 0.8, "p90": 1.05,
+                                     "views_with_trigger": 0.5}
+    official = {"p10": 0.7, "median": 0.85, "p90": 1.03, "views_with_trigger": 0.35}
+    section = "\n".join(view_scale_section(rows, official))
+    assert "| CorruptEncoder | standard | 0.60 | 0.80 | 1.05 | 50 |" in section
+    assert "| official pipeline | standard | 0.70 | 0.85 | 1.03 | 35 |" in section
+    assert view_scale_section(rows[:1], official) == []  # nothing measured: no section

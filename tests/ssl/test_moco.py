@@ -85,6 +85,9 @@ def test_moco_model_parts(tiny_encoder: Encoder) -> None:
     assert keys.shape == (6, 8) and not keys.requires_grad
     # The module's state holds the online and the key network and the queue, no duplicates.
     assert {k.split(".")[0] for k in model.state_dict()} == {"online", "key_network", "queue"}
+    # MoCo v2's head: Linear-ReLU-Linear, no BatchNorm (SimCLR's head has one).
+    for network in (model.online, model.key_network):
+        assert [type(m).__name__ for m in network.head] == ["Linear", "ReLU", "Linear"]
 
 
 def test_keys_are_shuffled_batchnorm_chunks_put_back_in_order(tiny_encoder: Encoder) -> None:

@@ -180,7 +180,6 @@ def render_poisoning_report(results: dict[str, Any]) -> str:
         header += [f"CA{suffix}", f"ASR{suffix}"]
     header += ["paper CA", "paper ASR"]
     simclr = config["simclr"]
-    layout = config.get("layout", {})
     epochs = f"{simclr['epochs']} epoch{'' if simclr['epochs'] == 1 else 's'}"
     scale = (f"Scale: {method_label(simclr)} `{simclr['arch']}` {epochs} "
              f"(batch {simclr['batch_size']}) on {results['clean_images']} clean + "
@@ -188,28 +187,52 @@ def render_poisoning_report(results: dict[str, Any]) -> str:
              f"{config['image_size']} px, {config['trigger_size']} px trigger; downstream "
              f"{config['downstream']['dataset']} classes {config['downstream']['classes']} "
              f"(target {config['downstream']['target_class']}, absent from pre-training), "
-             f"linear probe; device {results['environment']['device']}; "
+             f"linear probe ({config['downstream'].get('probe', {}).get('kind', 'linear')}); "
+             f"device "
+             f"{results['environment']['device']}; "
              f"{results['seconds']:.0f} s in all. Paper: ImageNet100-A → ImageNet100-B, "
              f"MoCo-v2 ResNet-18, 200 epochs, 0.5% poisons, GPUs.")
-    if layout.get("canvas", "object-height") == "square":
-        shapes = ("CorruptEncoder poisons use a square canvas, so resizing them to a square "
-                  "distorts neither object nor trigger.")
-    else:
-        shapes = ("CorruptEncoder poisons use the paper's canvas (object height × area ratio "
-                  "× object width), which the resize to a square squashes horizontally; the "
-                  "trigger is pasted after the resize, so it keeps its shape.")
     pairs = attack_pairs_section(results["rows"])
     enlarged = enlarged_trigger_section(results["rows"], config["trigger_size"])
+    scales = view_scale_section(results["rows"], results.get("official_view_trigger_scale"))
     findings = poisoning_findings(results["rows"]) or ["- No claim can be checked: the rows "
                                                        "lack the methods they compare."]
     return "\n\n".join([
         f"# {results['name']}: CorruptEncoder and baselines (percent)", scale,
-        "ASR excludes test inputs of the target class; the trigger is pasted at a random "
-        "place in the central band of each test image. Images of every source are resized "
-        "to squares by this pipeline. " + shapes + _ctrl_note(results["rows"]),
-        markdown_table(header, rows), *pairs, *enlarged,
+        "ASR excludes test inputs of the target class; test images are Resize + CenterCrop "
+        "of the native image and the trigger is pasted at a random place in the central "
+        "band of each. Pre-training images and poisons keep their native size; views are "
+        "cut from them as they are." + _ctrl_note(results["rows"]),
+        markdown_table(header, rows), *scales, *pairs, *enlarged,
         "## Findings (measured here)",
         "\n".join(findings)]) + "\n"
+
+
+def view_scale_section(rows: list[dict[str, Any]], official: dict[str, float] | None
+                       ) -> list[str]:
+    """The trigger's side in the training views ÷ its side on a test image, per patch row,
+    beside the official pipeline's value (empty for results written before it existed)."""
+    measured = [row for row in rows if row.get("view_trigger_scale", {}).get("median")]
+    if not measured:
+        return []
+
+    def cells(scale: dict[str, float]) -> list[str]:
+        return [f"{scale['p10']:.2f}", f"{scale['median']:.2f}", f"{scale['p90']:.2f}",
+                f"{100 * scale['views_with_trigger']:.0f}"]
+
+    table = [[METHOD_NAMES[row["method"]], "localized" if row["localized_crop"] else "standard",
+              *cells(row["view_trigger_scale"])] for row in measured]
+    if official and official.get("median"):
+        table.append(["official pipeline", "standard", *cells(official)])
+    return ["## Trigger size in training views ÷ on test images",
+            "From this run's own crop boxes on its poisons at their native size: the side of "
+            "the trigger in the views that hold ≥ 90% of it, over its side on a test image "
+            "(10th, 50th, 90th percentile), and the share of views holding it. The official "
+            "pipeline's row uses its parameters (40 px trigger on 684 × 300 canvases, "
+            "RandomResizedCrop(224, scale 0.2–1), 40 px on 224 px test images). Above 1 the "
+            "encoder learns a trigger larger than a test input shows.",
+            markdown_table(["method", "crop", "p10", "median", "p90", "views with it (%)"],
+                           table)]
 
 
 def attack_pairs_section(rows: list[dict[str, Any]]) -> list[str]:
