@@ -48,8 +48,10 @@ def run_to_end(args: list[str], log: Path) -> None:
     assert code == 0, log.read_text()
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], log: Path) -> None:
-    """Start the command and SIGKILL it as soon as `ready()` holds; it must still be running."""
+def kill_when(args: list[str], ready: Callable[[], bool], log: Path,
+              meanwhile: Callable[[int], None] | None = None) -> None:
+    """Start the command and SIGKILL it as soon as `ready()` holds (first stopping it for
+    `meanwhile(pid)`, if given); it must still be running then."""
     with log.open("w") as err:
         process = subprocess.Popen(_command(args), env=ENV, stdout=subprocess.DEVNULL,
                                    stderr=err)
@@ -59,10 +61,25 @@ def kill_when(args: list[str], ready: Callable[[], bool], log: Path) -> None:
                 assert process.poll() is None, f"ended before the kill point: {log.read_text()}"
                 assert time.monotonic() < deadline, "the kill point never came"
                 time.sleep(0.01)
+            if meanwhile is not None:
+                # Stopped, the run keeps its lock however long the other check takes.
+                process.send_signal(signal.SIGSTOP)
+                meanwhile(process.pid)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
     assert process.returncode == -signal.SIGKILL, log.read_text()
+
+
+def second_run_is_refused(args: list[str]) -> Callable[[int], None]:
+    """A second run on the busy --out exits 2 with one line naming the running one's pid."""
+    def check(pid: int) -> None:
+        second = subprocess.run(_command(args), env=ENV, capture_output=True, text=True,
+                                timeout=STARTUP_LIMIT_S)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+        assert f"is in use by another sslbackdoor run (pid {pid})" in second.stderr
+    return check
 
 
 def first(pattern: str, folder: Path) -> Callable[[], bool]:
@@ -115,15 +132,18 @@ def resumed_logs(tmp_path: Path) -> str:
 
 def assert_resume_matches(tmp_path: Path, args: list[str],
                           kills: list[Callable[[Path], Callable[[], bool]]],
-                          after_kill: Callable[[Path], None], continued: list[str]) -> Path:
+                          after_kill: Callable[[Path], None], continued: list[str],
+                          concurrent: bool = False) -> Path:
     """Run `args --out A` to the end; run `args --out B`, killed at each kill point in turn
     (each later process with --resume), then resume B to the end; A and B must agree, and
-    the resumed processes' logs must show each of `continued` (work picked up, not redone)."""
+    the resumed processes' logs must show each of `continued` (work picked up, not redone).
+    With `concurrent`, a second run on B is started (and refused) while the first runs."""
     reference, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     run_to_end([*args, "--out", str(reference)], tmp_path / "reference.log")
     for index, kill in enumerate(kills):
-        kill_when([*args, "--out", str(interrupted), *(["--resume"] if index else [])],
-                  kill(interrupted), tmp_path / f"kill{index}.log")
+        command = [*args, "--out", str(interrupted), *(["--resume"] if index else [])]
+        kill_when(command, kill(interrupted), tmp_path / f"kill{index}.log",
+                  second_run_is_refused(command) if concurrent and index == 0 else None)
         assert not (interrupted / "results.json").exists()
         if index == 0:
             after_kill(interrupted)
@@ -166,7 +186,7 @@ def test_badencoder_experiment_resumes_mid_epoch(tmp_path: Path) -> None:
 
     assert_resume_matches(tmp_path, ["run", str(write(tmp_path / "tiny.yaml", config))],
                           [lambda out: first("attack_state.safetensors", out)], mid_epoch,
-                          ["resuming BadEncoder"])
+                          ["resuming BadEncoder"], concurrent=True)
 
 
 def test_clip_experiment_with_zero_shot_resumes_mid_epoch(tmp_path: Path) -> None:
