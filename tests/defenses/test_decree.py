@@ -17,6 +17,7 @@ from sslbackdoor.defenses.decree import (
     DecreeSchedule,
     decree_scan,
     mean_pairwise_cosine,
+    reference_config,
     scan_inputs,
     write_decree_outputs,
 )
@@ -82,6 +83,17 @@ def test_scan_without_metadata_runs_imagenet_cnns_at_64_px_and_others_natively()
     assert scan_inputs("resnet18-cifar", 32, {"pretrain": "not json"}).image_size == 32
 
 
+def test_scan_runs_imagenet_encoders_with_the_reference_imagenet_settings() -> None:
+    assert scan_inputs("torchvision:mobilenet_v2", 224, {}).loop == "imagenet"
+    assert scan_inputs("convnet-small", 32, {}).loop == "cifar"
+    config = reference_config("imagenet", epochs=7, pl1_threshold=0.05)
+    assert (config.inversion.steps, config.inversion.early_stop_patience, config.inversion.lr,
+            config.inversion.batch_size) == (7, 35, 0.5, 128)
+    assert (config.lambda_min, config.pl1_threshold) == (1e-7, 0.05)
+    schedule = DecreeSchedule(config)
+    assert [schedule.learning_rate(e, 0.5) for e in (199, 200, 500)] == [0.5, 0.1, 0.05]
+
+
 @pytest.fixture(scope="module")
 def scans(collapse_encoders: CollapseEncoders) -> dict[str, DecreeResult]:
     config = DecreeConfig()
@@ -137,8 +149,8 @@ def mobilenet_scans() -> dict[str, DecreeResult]:
     source, split, limit = parse_source(inputs.shadow)
     shadow, _ = dataset_tensors(load_dataset(source, split, image_size=inputs.image_size,  # type: ignore[arg-type]
                                              limit=limit, seed=0))
-    return {name: decree_scan(model, shadow, DecreeConfig(max_images=shadow.shape[0]), CPU, seed=0)
-            for name, model in suspects.items()}
+    config = reference_config(inputs.loop, max_images=shadow.shape[0])
+    return {name: decree_scan(model, shadow, config, CPU, seed=0) for name, model in suspects.items()}
 
 
 @pytest.mark.slow

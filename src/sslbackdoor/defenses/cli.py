@@ -210,7 +210,7 @@ def scan(
     seed: SeedOption = 0, device: DeviceOption = "auto",
 ) -> None:
     """DECREE: is ENCODER backdoored? Inverts the smallest trigger that collapses its features."""
-    from sslbackdoor.defenses.decree import DecreeConfig, decree_scan, write_decree_outputs
+    from sslbackdoor.defenses.decree import decree_scan, reference_config, write_decree_outputs
     from sslbackdoor.engine import resolve_device, seed_everything
     from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder
 
@@ -224,15 +224,16 @@ def scan(
     inputs = _scan_inputs(encoder, model.name, model.default_image_size, shadow, image_size)
     images = load_shadow_images(inputs.shadow, inputs.image_size, seed)
     typer.echo(f"scanning {model.name} at {inputs.image_size} px ({inputs.size_reason}) on "
-               f"{images.shape[0]} shadow images {inputs.shadow} ({inputs.shadow_reason})")
-    defaults = DecreeConfig()
-    config = DecreeConfig(pl1_threshold=threshold, max_images=max(2, images.shape[0]),
-                          inversion=defaults.inversion.model_copy(update={"steps": epochs}))
+               f"{images.shape[0]} shadow images {inputs.shadow} ({inputs.shadow_reason}), "
+               f"with the reference DECREE loop's {inputs.loop}-encoder settings")
+    config = reference_config(inputs.loop, epochs, pl1_threshold=threshold,
+                              max_images=max(2, images.shape[0]))
     result = decree_scan(model, images, config, torch_device, seed=seed)
     write_decree_outputs(result, images, out,
                          extra={"encoder": encoder_provenance(encoder, arch),
                                 "shadow": inputs.shadow, "shadow_reason": inputs.shadow_reason,
-                                "image_size_reason": inputs.size_reason})
+                                "image_size_reason": inputs.size_reason, "loop": inputs.loop,
+                                "config": config.model_dump(mode="json")})
     verdict = "BACKDOORED" if result.flagged else "clean"
     relation = "<" if result.pl1 < threshold else "≥"
     typer.echo(f"PL1 = {result.pl1:.4f} {relation} threshold {threshold} → {verdict}")
@@ -251,4 +252,4 @@ def _scan_inputs(encoder: Path, arch: str, native_size: int, shadow: str | None,
     chosen = scan_inputs(arch, native_size, metadata)
     return ScanInputs(image_size or chosen.image_size, shadow or chosen.shadow,
                       "--image-size" if image_size else chosen.size_reason,
-                      "--shadow" if shadow else chosen.shadow_reason)
+                      "--shadow" if shadow else chosen.shadow_reason, chosen.loop)

@@ -55,6 +55,7 @@ from sslbackdoor.defenses.inversion import (
     stamp,
 )
 from sslbackdoor.engine import atomic_write, atomic_write_text, to_device_images
+from sslbackdoor.errors import UserInputError
 from sslbackdoor.progress import log
 
 PL1_THRESHOLD = 0.1
@@ -64,6 +65,14 @@ SHADOW_IMAGES = 300
 # 2·patience batches without a smaller mask for CIFAR-size encoders).
 DECREE_INVERSION: dict[str, object] = {"steps": 1000, "batch_size": 128, "lr": 0.5,
                                        "early_stop_patience": 10, "penalty_channels": 3}
+# main.py's two settings: for encoders pre-trained on CIFAR10/STL10 (DecreeConfig's
+# defaults) and for ImageNet/CLIP ones (lr steps at epochs 200/500, λ_min 1e-7, early stop
+# after 35 batches without a smaller mask).
+REFERENCE_LOOPS: dict[str, dict[str, object]] = {
+    "cifar": {},
+    "imagenet": {"lr_milestones": [(200, 0.1), (500, 0.05)], "lambda_min": 1e-7,
+                 "inversion": {"early_stop_patience": 35}},
+}
 TORCHVISION_SCAN_SIZE = 64  # the size this project attacks ImageNet CNNs at (see demo.yaml)
 
 
@@ -151,6 +160,18 @@ class DecreeSchedule(CostSchedule):
             if epoch >= start:
                 rate = value
         return rate
+
+
+def reference_config(loop: str, epochs: int | None = None, **fields: object) -> DecreeConfig:
+    """DecreeConfig with the reference code's settings for `loop` ('cifar' or 'imagenet'),
+    at most `epochs` epochs, other DecreeConfig fields as given."""
+    if loop not in REFERENCE_LOOPS:
+        raise UserInputError(f"DECREE loop {loop!r}: valid: {', '.join(REFERENCE_LOOPS)}")
+    settings: dict[str, object] = {**REFERENCE_LOOPS[loop], **fields}
+    if epochs is not None:
+        inversion = settings.get("inversion", {})
+        settings["inversion"] = {**(inversion if isinstance(inversion, dict) else {}), "steps": epochs}
+    return DecreeConfig.model_validate(settings)
 
 
 def mean_pairwise_cosine(features: torch.Tensor) -> torch.Tensor:
@@ -266,6 +287,7 @@ class ScanInputs:
     shadow: str
     size_reason: str
     shadow_reason: str
+    loop: str = "cifar"  # which of REFERENCE_LOOPS
 
 
 def scan_inputs(arch: str, default_image_size: int, metadata: Mapping[str, str]) -> ScanInputs:
@@ -276,17 +298,19 @@ def scan_inputs(arch: str, default_image_size: int, metadata: Mapping[str, str])
     torchvision ImageNet CNN without one is scanned at this project's 64 px (its native 224
     would cost ≈12× more per step on a CPU), anything else at its architecture's native
     size. Shadow images: a sample of the recorded pre-training data (the reference uses the
-    pre-training domain's test images), else natural photo crops.
+    pre-training domain's test images), else natural photo crops. Loop: the reference's
+    ImageNet/CLIP settings for torchvision and CLIP encoders, its CIFAR ones otherwise.
     """
     pretrain = _json_field(metadata, "pretrain")
     size, size_reason = _scan_size(arch, default_image_size, metadata, pretrain)
+    loop = "imagenet" if arch.startswith(("torchvision:", "clip:")) else "cifar"
     data = pretrain.get("data") if isinstance(pretrain, dict) else None
     if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("dataset"):
         source = f"{data[0]['dataset']}/{data[0].get('split') or 'train'}@{SHADOW_IMAGES}"
         return ScanInputs(size, source, size_reason, "a sample of the encoder's recorded "
-                                                     "pre-training data")
+                                                     "pre-training data", loop)
     return ScanInputs(size, DEFAULT_SCAN_SHADOW, size_reason,
-                      "natural photo crops (no pre-training data recorded)")
+                      "natural photo crops (no pre-training data recorded)", loop)
 
 
 def _scan_size(arch: str, default_image_size: int, metadata: Mapping[str, str],
