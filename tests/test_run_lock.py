@@ -101,3 +101,11 @@ def test_the_lock_is_released_when_the_holder_exits(tmp_path: Path) -> None:
     with output_lock(out):
         assert is_locked_here(out)
     assert not out.exists()
+
+
+def test_under_torchrun_only_rank_0_locks(holder: tuple[subprocess.Popen[str], Path],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _, out = holder
+    monkeypatch.setenv("RANK", "1")
+    with output_lock(out):
+        assert not is_locked_here(out)

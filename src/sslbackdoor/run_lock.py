@@ -5,7 +5,7 @@ holding process ends, SIGKILL included: a killed run never leaves a stale lock, 
 `--resume` can start at once. A second run on the same folder is refused with one line
 naming the holder's pid. Within one process the lock is re-entrant (a run's stages lock the
 folder their caller already holds), because two `flock`s from one process on two open files
-would refuse each other.
+would refuse each other. Under torchrun only rank 0 (the process that writes) locks.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ def output_lock(folder: Path | str) -> Iterator[Path]:
     the way out if the block left it empty). Raises UserInputError if another process
     holds it or the path is not a folder."""
     key = _key(Path(folder))
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun every process runs the same command on the same --out; rank 0
+        # writes and holds the lock, the others only help it train.
+        yield key
+        return
     held = _HELD.get(key)
     if held is not None:
         held.depth += 1
