@@ -23,7 +23,9 @@ from sslbackdoor.errors import UserInputError
 from sslbackdoor.metrics import accuracy, attack_success_rate
 from sslbackdoor.models.encoders import Encoder
 
-LEAK_TOLERANCE_MAX = 10
+# Official benchmark splits can share a few exact images (stray duplicates, not a leak), so
+# the bar scales with the test set rather than being a fixed count.
+LEAK_TOLERANCE = 0.01
 
 
 @dataclass
@@ -74,8 +76,8 @@ def image_hashes(images: torch.Tensor) -> list[bytes]:
 
 
 def tolerated_overlap(test_size: int) -> int:
-    """Stray duplicates a train/test pair may share: 1% of the test set, at least 1, at most 10."""
-    return min(LEAK_TOLERANCE_MAX, max(1, test_size // 100))
+    """Stray duplicates a train/test pair may share: 1% of the test set, at least 1."""
+    return max(1, int(test_size * LEAK_TOLERANCE))
 
 
 def check_split_leakage(name: str, train_images: torch.Tensor, test_images: torch.Tensor) -> int:
@@ -91,7 +93,7 @@ def check_split_leakage(name: str, train_images: torch.Tensor, test_images: torc
              f"{train_images.shape[0]} training images")
     if overlap > tolerated:
         raise UserInputError(f"{where}, more than the {tolerated} stray duplicate(s) tolerated "
-                             f"(1% of the test set, at least 1, at most {LEAK_TOLERANCE_MAX}); "
+                             f"(1% of the test set, at least 1); "
                              f"the splits leak: give separate train and test data")
     if overlap:
         print(f"warning: {where} (identical pixels); tolerated as stray duplicates",
