@@ -28,3 +28,25 @@ def test_a_config_without_backdoor_or_attack_is_rejected() -> None:
     raw.pop("attack")
     with pytest.raises(UserInputError, match="backdoored_encoder"):
         validate_experiment(raw, "defenses.yaml")
+
+
+def test_finished_stages_are_reused_only_on_resume_with_the_same_config_and_encoders(
+        tmp_path: Path) -> None:
+    from sslbackdoor.defenses.experiment import _Stages
+
+    _, config = validate_experiment(yaml.safe_load(shipped().read_text(encoding="utf-8")),
+                                    "defenses.yaml")
+    calls: list[int] = []
+
+    def compute() -> dict[str, float]:
+        calls.append(1)
+        return {"score": 0.25 * len(calls)}
+
+    def stages(resume: bool, backdoored: str) -> _Stages:
+        return _Stages(config, tmp_path, resume, {"clean": "c", "backdoored": backdoored})  # type: ignore[arg-type]
+
+    assert stages(False, "b").run("mntd", compute) == {"score": 0.25}
+    assert stages(True, "b").run("mntd", compute) == {"score": 0.25} and len(calls) == 1
+    assert stages(True, "another file").run("mntd", compute) == {"score": 0.5}
+    assert stages(False, "another file").run("mntd", compute) == {"score": 0.75}
+    assert (tmp_path / "stages" / "mntd.json").is_file()

@@ -176,9 +176,13 @@ class _Stages:
     instead of recomputed. Every stage re-seeds, so its numbers do not depend on which
     stages ran before it in this process."""
 
-    def __init__(self, config: DefensesConfig, out_dir: Path, resume: bool) -> None:
+    def __init__(self, config: DefensesConfig, out_dir: Path, resume: bool,
+                 encoders: dict[str, Any]) -> None:
+        """`encoders`: the provenance (with sha256) of each encoder, so a stage is not reused
+        against a checkpoint file that changed under the same path."""
         self.config, self.folder, self.resume = config, out_dir / "stages", resume
-        self.hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
+        key = dump_config(config) + json.dumps(encoders, sort_keys=True)
+        self.hash = hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def run(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         path = self.folder / f"{name}.json"
@@ -212,10 +216,16 @@ def run_defenses_experiment(config: DefensesConfig, out_dir: Path,
     clock.lap("load", started)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_config(config))
-    stages = _Stages(config, out_dir, resume)
     started = time.perf_counter()
     backdoored, provenance = backdoored_encoder(config, out_dir, resume)
     clock.lap("attack", started)
+    clean_provenance = encoder_provenance(config.encoder.weights, config.encoder.arch)
+    # An encoder this run's attack made is fixed by the config (its file's sha256 is not:
+    # safetensors writes metadata in a per-process order); a given file is keyed by content.
+    made = config.backdoored_encoder is None
+    stages = _Stages(config, out_dir, resume, {
+        "clean": clean_provenance.get("sha256"),
+        "backdoored": "this run's attack" if made else provenance.get("sha256")})
     encoders = {"clean": clean, "backdoored": backdoored}
     per_encoder = {name: _defend_one(name, model, task, shadow, trigger, config, device,
                                      out_dir, clock, stages) for name, model in encoders.items()}
@@ -230,8 +240,7 @@ def run_defenses_experiment(config: DefensesConfig, out_dir: Path,
         "config": config.model_dump(mode="json"),
         "encoders": per_encoder, "mntd": mntd["summary"],
         "tasks": [_task_row(config, task, per_encoder)],
-        "provenance": {"clean_encoder": encoder_provenance(config.encoder.weights,
-                                                           config.encoder.arch),
+        "provenance": {"clean_encoder": clean_provenance,
                        "backdoored_encoder": provenance, "task": task.provenance,
                        "defender_shadow": {"images": int(shadow.shape[0]),
                                            **config.defender_shadow.model_dump()}},
