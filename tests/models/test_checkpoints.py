@@ -186,3 +186,22 @@ def test_the_header_check_accepts_real_files(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"k": "v"})
     checkpoints.check_safetensors_header(path)
     assert sorted(checkpoints.load_safetensors(path)) == ["a", "b", "empty"]
+
+
+def test_the_authors_stl10_checkpoints_load_with_stl10_normalisation(tmp_path: Path) -> None:
+    """The reference code feeds its STL10 encoders STL10-normalised inputs; CIFAR10's
+    statistics would shift every feature."""
+    from sslbackdoor.models.encoders import STL10_MEAN, STL10_STD
+
+    path, backbone = reference_checkpoint(tmp_path)
+    backbone.eval()
+    stl10 = load_encoder(path, "resnet18-stl10").eval()
+    cifar = load_encoder(path, "resnet18-cifar").eval()
+    images = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(STL10_MEAN).view(1, 3, 1, 1), torch.tensor(STL10_STD).view(1, 3, 1, 1)
+    expected = torch.flatten(backbone((images - mean) / std), 1)
+    assert torch.allclose(stl10(images), expected)
+    assert not torch.allclose(cifar(images), expected)
+    saved = tmp_path / "stl10.safetensors"
+    save_encoder(stl10, saved)
+    assert torch.allclose(load_encoder(saved).eval()(images), expected)  # the name travels

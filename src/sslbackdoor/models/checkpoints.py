@@ -8,7 +8,10 @@ Formats read:
 * sslbackdoor `.safetensors` (metadata ``encoder`` names the architecture);
 * the BadEncoder reference code's checkpoints: ``{'epoch', 'state_dict', 'optimizer'}``
   whose backbone is under ``f.f.<i>`` (a Sequential of ResNet18 children) and projection
-  head under ``g.*``;
+  head under ``g.*``. The file does not say which normalisation its encoder was trained
+  with; the architecture name does: ``resnet18-cifar`` for the authors' CIFAR10 encoders,
+  ``resnet18-stl10`` for their STL10 ones (STL10's mean and std, as the reference code's
+  `encoder_usage_info=stl10`);
 * plain torchvision state dicts (e.g. ``mobilenet_v2-b0353104.pth``).
 """
 
@@ -197,7 +200,8 @@ def load_encoder(weights: str | Path | None, arch: str | None = None) -> Encoder
 def _require_arch(arch: str | None, what: str) -> str:
     if not arch:
         raise UserInputError(f"{what}: name the encoder architecture (e.g. --arch "
-                             f"resnet18-cifar or torchvision:mobilenet_v2)")
+                             f"resnet18-cifar, resnet18-stl10 for the BadEncoder authors' STL10 "
+                             f"checkpoints, or torchvision:mobilenet_v2)")
     return arch
 
 

@@ -5,6 +5,9 @@ and callers never normalise by hand. Names:
 
 * ``resnet18-cifar``: torchvision ResNet18 with a 3×3 stride-1 stem and no max-pool,
   fc removed (512-d) — the BadEncoder/SimCLR CIFAR encoder.
+* ``resnet18-stl10``: the same network normalised with STL10's statistics, as the
+  BadEncoder reference code feeds its STL10 encoders (`encoder_usage_info=stl10`); the
+  authors' STL10 checkpoints read CIFAR10-normalised inputs wrongly.
 * ``torchvision:ARCH``: any torchvision classification model with its classifier removed
   (``torchvision:mobilenet_v2`` → 1280-d). ``weights="imagenet"`` loads ImageNet weights.
 * ``clip:ARCH``: an open_clip image tower (registered by `sslbackdoor.models.clip`).
@@ -25,6 +28,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+# The BadEncoder reference code's STL10 transforms (datasets/stl10_dataset.py).
+STL10_MEAN = (0.44087798, 0.42790666, 0.38678814)
+STL10_STD = (0.25507198, 0.24801506, 0.25641308)
 
 
 class Encoder(nn.Module):
@@ -92,6 +98,13 @@ def cifar_resnet18_backbone() -> nn.Module:
 def _resnet18_cifar(_: str | None) -> Encoder:
     return Encoder(cifar_resnet18_backbone(), name="resnet18-cifar", feature_dim=512,
                    mean=CIFAR10_MEAN, std=CIFAR10_STD, default_image_size=32)
+
+
+@register_encoder("resnet18-stl10", "resnet18-cifar with STL10's normalisation, 512-d: the "
+                  "BadEncoder authors' STL10 encoders")
+def _resnet18_stl10(_: str | None) -> Encoder:
+    return Encoder(cifar_resnet18_backbone(), name="resnet18-stl10", feature_dim=512,
+                   mean=STL10_MEAN, std=STL10_STD, default_image_size=32)
 
 
 # --- small encoders for CPU-scale SimCLR (chosen by benchmarks/simclr_small.py) -------------
