@@ -98,10 +98,13 @@ def test_class_names_and_templates() -> None:
     assert zero_shot_class_names("svhn", digits) == list(DIGIT_WORDS)
     assert zero_shot_class_names("mnist-5k", digits)[0] == "zero"
     gtsrb = zero_shot_class_names("gtsrb", [str(i) for i in range(43)])
-    assert len(gtsrb) == 43 and gtsrb[12] == "priority road" and gtsrb[14] == "stop"
+    assert len(gtsrb) == 43 and gtsrb[12] == "Priority road sign" and gtsrb[14] == "Stop sign"
+    assert gtsrb[0] == "Speed limit 20km/h" and gtsrb[42].startswith("End of no passing by")
     assert zero_shot_class_names("stl10", CLASSES) == CLASSES
-    assert templates_for("gtsrb") == ["A traffic sign photo of a {}."]
-    assert templates_for("stl10") == ["A photo of a {}."]
+    # the reference code's prompts, verbatim: no final period
+    assert templates_for("gtsrb") == ["A traffic sign photo of a {}"]
+    assert templates_for("stl10") == ["A photo of a {}"]
+    assert templates_for("svhn") == ["A photo of a {}"]
     assert templates_for("gtsrb", ["a {class} sign"]) == ["a {} sign"]
     assert fill_template("A photo of a {}.", "{odd} name") == "A photo of a {odd} name."
     with pytest.raises(UserInputError, match="has no"):

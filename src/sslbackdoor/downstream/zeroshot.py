@@ -1,7 +1,10 @@
 """Zero-shot CLIP classifiers: CA, BA, ASR-B and ASR without training any classifier.
 
-A class's text embedding is the mean of its L2-normalised prompt embeddings ("A photo of a
-{}."; "A traffic sign photo of a {}." for GTSRB), renormalised; an image is assigned the
+A class's text embedding is the mean of its L2-normalised prompt embeddings, renormalised;
+the default prompts and class names are the BadEncoder reference code's (zero_shot.py,
+datasets/*_dataset.py): "A photo of a {}" ("A traffic sign photo of a {}" for GTSRB), no
+final period, GTSRB classes named as there ("Priority road sign", "Stop sign", …), SVHN's
+"zero".."nine". An image is assigned the
 class whose embedding has the highest cosine similarity with its image feature. The clean
 and the backdoored image encoders share the same (untouched) text tower, as in the
 BadEncoder paper's CLIP case study.
@@ -31,8 +34,26 @@ if TYPE_CHECKING:
     from sslbackdoor.config import ExperimentConfig
     from sslbackdoor.models.clip import ClipBundle
 
-DEFAULT_TEMPLATES = ("A photo of a {}.",)
-DATASET_TEMPLATES: dict[str, tuple[str, ...]] = {"gtsrb": ("A traffic sign photo of a {}.",)}
+# Verbatim from the reference code, which ends its prompts without a period.
+DEFAULT_TEMPLATES = ("A photo of a {}",)
+DATASET_TEMPLATES: dict[str, tuple[str, ...]] = {"gtsrb": ("A traffic sign photo of a {}",)}
+# The reference code's GTSRB class names (datasets/gtsrb_dataset.py), capitals and "sign"
+# included: CLIP's text tower is case-sensitive, so other spellings give other classifiers.
+GTSRB_ZERO_SHOT_CLASSES = (
+    "Speed limit 20km/h", "Speed limit 30km/h", "Speed limit 50km/h", "Speed limit 60km/h",
+    "Speed limit 70km/h", "Speed limit 80km/h", "End of speed limit 80km/h",
+    "Speed limit 100km/h", "Speed limit 120km/h", "No passing sign",
+    "No passing for vehicles over 3.5 metric tons", "Right-of-way at the next intersection",
+    "Priority road sign", "Yield sign", "Stop sign", "No vehicles sign",
+    "Vehicles over 3.5 metric tons prohibited", "No entry", "General caution",
+    "Dangerous curve to the left", "Dangerous curve to the right", "Double curve",
+    "Bumpy road", "Slippery road", "Road narrows on the right", "Road work",
+    "Traffic signals", "Pedestrians crossing", "Children crossing", "Bicycles crossing",
+    "Beware of ice or snow", "Wild animals crossing", "End of all speed and passing limits",
+    "Turn right ahead", "Turn left ahead", "Ahead only", "Go straight or right",
+    "Go straight or left", "Keep right", "Keep left", "Roundabout mandatory",
+    "End of no passing", "End of no passing by vehicles over 3.5 metric tons",
+)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEXT_BATCH = 256
 
@@ -44,7 +65,7 @@ def normalise_templates(templates: Sequence[str]) -> list[str]:
         text = template.replace("{class}", "{}")
         if "{}" not in text:
             raise UserInputError(f"prompt template {template!r} has no {{}} for the class "
-                                 f"name; e.g. 'A photo of a {{}}.'")
+                                 f"name; e.g. 'A photo of a {{}}'")
         result.append(text)
     return result
 
@@ -60,15 +81,14 @@ def zero_shot_class_names(dataset: str, classes: Sequence[str]) -> list[str]:
     """Names to put in the prompts for `dataset`, whose label names are `classes`.
 
     Digit datasets (svhn, mnist, mnist-5k, opencv-digits, sklearn-digits, or any with
-    labels "0".."9") → "zero".."nine" (CLIP reads words better than digits); GTSRB → its 43
-    sign names; any other dataset → its own class names.
+    labels "0".."9") → "zero".."nine" (CLIP reads words better than digits); GTSRB → the
+    reference code's 43 sign names (`GTSRB_ZERO_SHOT_CLASSES`); any other dataset → its own
+    class names.
     """
     if list(classes) == [str(digit) for digit in range(10)]:
         return list(DIGIT_WORDS)
     if dataset == "gtsrb":
-        from sslbackdoor.data.torchvision_sources import GTSRB_CLASSES
-
-        return list(GTSRB_CLASSES)
+        return list(GTSRB_ZERO_SHOT_CLASSES)
     return [str(name) for name in classes]
 
 
