@@ -140,3 +140,50 @@ def test_shadow_smaller_than_a_batch_is_rejected(tiny_encoder: Encoder) -> None:
                               torch.device("cpu"))
     with pytest.raises(UserInputError, match="fewer than one batch"):
         attack.run(_shadow(count=64))
+
+
+def test_l1_draws_one_augmented_reference_per_shadow_image_by_default(
+        tiny_encoder: Encoder) -> None:
+    """The reference code augments each target's reference once per shadow image in the
+    batch, so L1 averages over batch_size copies, each paired with its reference's f(x)."""
+    config = BadEncoderConfig(batch_size=16, precision="fp32")
+    assert config.reference_augmentations is None
+    attack = BadEncoderAttack(tiny_encoder, _targets(), config, torch.device("cpu"))
+    images, clean = attack.augmented_references()
+    assert [tuple(i.shape[:1]) for i in images] == [(16,), (16,)]
+    for features, reference in zip(clean, attack.references_clean, strict=True):
+        assert features.shape == (16, reference.shape[1])
+        assert torch.equal(features, reference.expand(16, -1))
+    first = images[0]
+    assert not all(torch.equal(first[0], copy) for copy in first[1:])  # fresh draws
+
+
+def test_a_set_count_draws_that_many_round_robin_over_the_references(
+        tiny_encoder: Encoder) -> None:
+    torch.manual_seed(3)
+    references = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    target = AttackTarget("t", Trigger.from_spec(TriggerSpec(size=4), 16), references)
+    config = BadEncoderConfig(batch_size=16, precision="fp32", reference_augmentations=5)
+    attack = BadEncoderAttack(tiny_encoder, [target], config, torch.device("cpu"))
+    [images], [clean] = attack.augmented_references()
+    assert images.shape[0] == 5 and clean.shape[0] == 5
+    expected = attack.references_clean[0][torch.tensor([0, 1, 2, 0, 1])]
+    assert torch.equal(clean, expected)
+    one_each = BadEncoderAttack(tiny_encoder, [target], config.model_copy(
+        update={"reference_augmentations": 3}), torch.device("cpu"))
+    assert torch.equal(one_each.augmented_references()[1][0], one_each.references_clean[0])
+
+
+@pytest.mark.parametrize("count", [None, 2])
+def test_an_attack_step_runs_with_either_count(tiny_encoder: Encoder, count: int | None) -> None:
+    config = BadEncoderConfig(epochs=1, batch_size=16, lr=0.05, precision="fp32",
+                              reference_augmentations=count)
+    result = BadEncoderAttack(tiny_encoder, _targets(), config, torch.device("cpu")).run(
+        _shadow(32))
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["l1"])
+    assert -1.0 <= result.history[0]["l1"] <= 1.0
+
+
+def test_reference_augmentations_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        BadEncoderConfig(reference_augmentations=0)

@@ -11,6 +11,12 @@ reference inputs x_ij of the target class, fine-tune a copy f' to minimise
 with s the cosine similarity (minimum −3). Several targets are averaged with equal
 weight. As in the reference code the encoder runs with BatchNorm in eval mode and its
 affine weights frozen; shadow images are not augmented, so f(x) is computed once.
+
+L1's augmented references: the reference code's dataset returns, with every shadow image,
+a fresh augmentation of each target's reference, so per step L1 averages over batch_size
+augmented copies (`reference_augmentations: null`, the default). A count n draws n copies
+per target and step instead, going round the target's K references (n = K is one per
+reference, this project's behaviour before issue #17, cheaper by about a third of a step).
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class BadEncoderConfig(BaseModel):
     lambda1: float = Field(1.0, ge=0, description="weight of L1 (reference utility)")
     lambda2: float = Field(1.0, ge=0, description="weight of L2 (clean-input utility)")
     precision: Literal["bf16", "fp32"] = "bf16"
+    reference_augmentations: int | None = Field(
+        None, ge=1, description="augmented reference images per target and step in L1; null: "
+                                "one per shadow image in the batch (batch_size), as the "
+                                "reference code; n: n, round-robin over the target's references")
     cache_clean_features: bool = Field(
         True, description="compute f(shadow) once; False recomputes per step like the "
                           "reference code (for benchmarks)")
@@ -97,8 +107,8 @@ def badencoder_loss(shadow_backdoored: torch.Tensor, shadow_clean: torch.Tensor,
         triggered: per target i, f'(x ⊕ e_i) [B,D].
         references_backdoored: per target, f'(x_ij) [K_i,D] (gradients flow through both
             sides of L0, as in the reference code).
-        references_augmented: per target, f'(aug(x_ij)) [K_i,D].
-        references_clean: per target, f(x_ij) [K_i,D].
+        references_augmented: per target, f'(aug(x_ij)) [n_i,D] (n_i augmented copies).
+        references_clean: per target, f(x_ij) [n_i,D] of the reference each copy came from.
     """
     if not (len(triggered) == len(references_backdoored) == len(references_augmented)
             == len(references_clean)) or not triggered:
@@ -152,6 +162,18 @@ class BadEncoderAttack:
         self.references = [to_device_images(t.references, device) for t in self.targets]
         self.references_clean = [self._clean_features(r) for r in self.references]
         self.augmentation = reference_augmentation()
+        count = config.reference_augmentations or config.batch_size
+        # which reference each augmented copy is made from: round-robin over the K references
+        self.augmented_sources = [torch.arange(count) % r.shape[0] for r in self.references]
+
+    def augmented_references(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per target, freshly augmented reference images [n,3,H,W] and the clean features
+        [n,D] of the reference each copy was made from (L1's pairs)."""
+        images = [augment_each(r[i.to(r.device)], self.augmentation)
+                  for r, i in zip(self.references, self.augmented_sources, strict=True)]
+        clean = [c[i.to(c.device)] for c, i in zip(self.references_clean, self.augmented_sources,
+                                                   strict=True)]
+        return images, clean
 
     def _clean_features(self, images: torch.Tensor) -> torch.Tensor:
         return encode(self.clean, images, self.device, precision=self.config.precision,
@@ -218,7 +240,7 @@ class BadEncoderAttack:
         if shadow_clean is None:
             shadow_clean = self._clean_features(clean_images)
         triggered = [t.trigger.apply(clean_images) for t in self.targets]
-        augmented = [augment_each(r, self.augmentation) for r in self.references]
+        augmented, augmented_clean = self.augmented_references()
         # BatchNorm is in eval mode, so one concatenated forward equals separate forwards
         # and is much faster on CPU.
         pieces = [clean_images, *triggered, *self.references, *augmented]
@@ -229,7 +251,7 @@ class BadEncoderAttack:
         count = len(self.targets)
         terms = badencoder_loss(chunks[0], shadow_clean, chunks[1:1 + count],
                                 chunks[1 + count:1 + 2 * count], chunks[1 + 2 * count:],
-                                self.references_clean, self.config.lambda1, self.config.lambda2)
+                                augmented_clean, self.config.lambda1, self.config.lambda2)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()
