@@ -2,7 +2,13 @@
 
 Rows are "pre-train → target" (Tables I/II), columns CA/BA/ASR-B/ASR with the paper's
 numbers for the analogous setting beside them; sweeps get a table and a PNG of ASR and BA
-against the swept value. ASR excludes test inputs of the target class (see metrics.py).
+against the swept value.
+
+Two ASR conventions (metrics.py): `asr`/`asr_b` exclude test inputs of the target class,
+`asr_all`/`asr_b_all` count every triggered test input, as the BadEncoder paper's tables and
+its reference code do. Both are shown; the paper's figures sit beside the `(all)` columns and
+the Findings judge the paper's bar on them (`paper_asr`). A results.json written before the
+`(all)` fields existed renders with "–" there and is judged on `asr`, which the report says.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from sslbackdoor.report import markdown_table, percent
 PAPER_ROWS: dict[str, PaperRow] = {
     row.setting.replace(" (MLP)", ""): row
     for row in (*BADENCODER_CIFAR_STL, *BADENCODER_IMAGENET, *BADENCODER_CLIP_MLP)}
-METRICS = ("ca", "ba", "asr_b", "asr")
+METRICS = ("ca", "ba", "asr_b", "asr", "asr_b_all", "asr_all")
+METRIC_HEADER = ["CA", "BA", "ASR-B", "ASR", "ASR-B (all)", "ASR (all)"]
 SWEEP_FIGURE = "sweep.png"
 ASR_BAR = 0.95  # the paper: ASR ≥ 95% ...
 BA_SLACK = 0.01  # ... with BA ≥ CA − 1 point
@@ -71,7 +78,24 @@ def _target_name(entry: dict[str, Any]) -> str:
 
 
 def _metrics(entry: dict[str, Any]) -> list[str]:
-    return [percent(entry[m]) for m in METRICS]
+    return [percent(entry.get(m)) for m in METRICS]
+
+
+def paper_asr(entry: dict[str, Any]) -> float:
+    """ASR in the paper's convention (every triggered input, target class included); an
+    entry from before `asr_all` existed falls back to the target-excluded `asr`."""
+    value = entry.get("asr_all")
+    return float(entry["asr"] if value is None else value)
+
+
+def convention_line(results: dict[str, Any]) -> str:
+    """Which ASR the Findings judged: the paper's convention, unless the file predates it."""
+    entries = [entry for _, entry in _attacked_pairs(results)]
+    if entries and all(entry.get("asr_all") is not None for entry in entries):
+        return ("- ASR here is the paper's: over every triggered test input, target class "
+                "included (`ASR (all)`); the target-excluded `ASR` is in the tables beside it.")
+    return ("- ASR here excludes target-class inputs: this results.json predates the "
+            "all-inputs ASR, so the paper's bar is judged on a stricter quantity than its own.")
 
 
 def _paper_metrics(row: PaperRow | None) -> list[str]:
@@ -91,9 +115,11 @@ def table_section(results: dict[str, Any]) -> list[str]:
         rows.append([_label(results, cell["encoder"], index), _target_name(entry),
                      *_metrics(entry), *_paper_metrics(paper_row(results, cell["encoder"],
                                                                  index))])
-    header = ["pre-train → target", "target class", "CA", "BA", "ASR-B", "ASR",
-              "paper setting", "paper CA", "paper BA", "paper ASR-B", "paper ASR"]
-    return ["## Results (percent), as in the paper's Tables I/II", markdown_table(header, rows)]
+    header = ["pre-train → target", "target class", *METRIC_HEADER,
+              "paper setting", "paper CA", "paper BA", "paper ASR-B (all)", "paper ASR (all)"]
+    return ["## Results (percent), as in the paper's Tables I/II",
+            "The paper counts every triggered test input, target class included: its ASR-B "
+            "and ASR compare with our `(all)` columns.", markdown_table(header, rows)]
 
 
 def multi_target_section(results: dict[str, Any]) -> list[str]:
@@ -105,13 +131,15 @@ def multi_target_section(results: dict[str, Any]) -> list[str]:
     for (encoder, index), cell in alone.items():
         single = target_entry(results, cell, index)
         joint = (target_entry(results, together[encoder], index) if encoder in together
-                 else {"ba": None, "asr": None})  # an encoder with a single target
+                 else {})  # an encoder with a single target
         row = paper_row(results, encoder, index)
         rows.append([_label(results, encoder, index), _target_name(single), percent(single["ca"]),
-                     percent(single["ba"]), percent(single["asr"]), percent(joint["ba"]),
-                     percent(joint["asr"]), f"{row.asr:.2f}" if row else "–"])
+                     percent(single["ba"]), percent(single["asr"]), percent(single.get("asr_all")),
+                     percent(joint.get("ba")), percent(joint.get("asr")),
+                     percent(joint.get("asr_all")), f"{row.asr:.2f}" if row else "–"])
     header = ["pre-train → target", "target class", "CA", "BA alone", "ASR alone",
-              "BA all at once", "ASR all at once", "paper ASR (alone)"]
+              "ASR (all) alone", "BA all at once", "ASR all at once", "ASR (all) all at once",
+              "paper ASR (all, alone)"]
     return ["## One target at a time vs all targets at once (percent)",
             markdown_table(header, rows)]
 
@@ -121,7 +149,7 @@ def sweep_section(results: dict[str, Any]) -> list[str]:
     rows = [[label, str(x), *_metrics(entry)]
             for label, points in _sweep_series(results).items() for x, entry in points]
     parts = [f"## ASR and BA vs {axis.noun} (percent)",
-             markdown_table(["pre-train → target", axis.unit, "CA", "BA", "ASR-B", "ASR"], rows)]
+             markdown_table(["pre-train → target", axis.unit, *METRIC_HEADER], rows)]
     if "sweep" in results.get("figures", {}):
         parts.append(f"![ASR and BA vs {axis.unit}]({results['figures']['sweep']})")
     return parts
@@ -151,8 +179,8 @@ def shadow_distribution_section(results: dict[str, Any]) -> list[str]:
         rows.append([_label(results, cell["encoder"], index), str(cell["variable"]),
                      kinds.get(cell["variable"]) or "–", str(cell.get("shadow_images", "–")),
                      *_metrics(entry), f"{paper:.2f}" if paper is not None else "–"])
-    header = ["pre-train → target", "shadow set", "kind", "images", "CA", "BA", "ASR-B",
-              "ASR", "paper ASR"]
+    header = ["pre-train → target", "shadow set", "kind", "images", *METRIC_HEADER,
+              "paper ASR (all)"]
     return ["## Shadow set distribution, as in the paper's Table IV (percent)",
             markdown_table(header, rows)]
 
@@ -228,8 +256,14 @@ def pair_findings(results: dict[str, Any]) -> list[str]:
     return _claim_lines(
         results, f"ASR ≥ {100 * ASR_BAR:.0f}% with BA ≥ CA − {100 * BA_SLACK:.0f} point on "
         "every attacked pair", "pairs",
-        lambda e: e["asr"] < ASR_BAR or e["ba"] < e["ca"] - BA_SLACK,
-        lambda e: f"ASR {percent(e['asr'])}, CA {percent(e['ca'])}, BA {percent(e['ba'])}")
+        lambda e: paper_asr(e) < ASR_BAR or e["ba"] < e["ca"] - BA_SLACK,
+        lambda e: f"{_asr_detail(e)}, CA {percent(e['ca'])}, BA {percent(e['ba'])}")
+
+
+def _asr_detail(entry: dict[str, Any]) -> str:
+    if entry.get("asr_all") is None:
+        return f"ASR {percent(entry['asr'])}"
+    return f"ASR (all) {percent(entry['asr_all'])}, target excluded {percent(entry['asr'])}"
 
 
 def utility_findings(results: dict[str, Any]) -> list[str]:
@@ -258,7 +292,7 @@ def sweep_findings(results: dict[str, Any]) -> list[str]:
     unit = SWEEP_AXES[results["study"]].noun
     lines = []
     for label, entries in _sweep_series(results).items():
-        points = [(x, entry["asr"]) for x, entry in entries]
+        points = [(x, paper_asr(entry)) for x, entry in entries]
         curve = ", ".join(f"{x} → {100 * asr:.2f}" for x, asr in points)
         lines.append(f"- {label}: ASR {_trend_phrase(points, unit)}: {curve}; "
                      f"{_threshold_phrase(points)}.")
@@ -304,7 +338,7 @@ FINDINGS = {
 def findings_section(results: dict[str, Any]) -> list[str]:
     """The paper's findings for this study, checked against the measured numbers."""
     return ["## Findings (measured here, at the scale above)",
-            "\n".join(FINDINGS[results["study"]](results))]
+            "\n".join([*FINDINGS[results["study"]](results), convention_line(results)])]
 
 
 STUDY_SECTIONS = {
@@ -321,8 +355,8 @@ def render_grid_report(results: dict[str, Any]) -> str:
     body = STUDY_SECTIONS[study](results)
     parts = [f"# {results['name']}: BadEncoder grid ({study})", scale_line(results),
              *encoders_section(results), *body, *findings_section(results),
-             f"Paper numbers: {BADENCODER_SOURCE}. ASR excludes test inputs of the target "
-             f"class; each cell's folder (`cells/<id>/report.md`) also has `ASR (all)`.",
+             f"Paper numbers: {BADENCODER_SOURCE}. `ASR` and `ASR-B` exclude test inputs of the "
+             f"target class; `ASR (all)` and `ASR-B (all)` count them, as the paper does.",
              timings_line(results)]
     return "\n\n".join(parts) + "\n"
 
@@ -345,7 +379,7 @@ def write_grid_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]
     encoder→target."""
     if results["study"] not in SWEEP_AXES:
         return {}
-    series = {label: [(float(x), 100 * e["asr"], 100 * e["ba"], 100 * e["ca"])
+    series = {label: [(float(x), 100 * paper_asr(e), 100 * e["ba"], 100 * e["ca"])
                       for x, e in points]
               for label, points in _sweep_series(results).items()}
     plot_sweep(series, SWEEP_AXES[results["study"]].unit, out_dir / SWEEP_FIGURE)
@@ -354,7 +388,8 @@ def write_grid_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]
 
 def plot_sweep(series: dict[str, list[tuple[float, float, float, float]]], unit: str,
                path: Path) -> None:
-    """Two panels (ASR, BA) of percent vs `unit`; series: label → [(x, asr, ba, ca)].
+    """Two panels (ASR, BA) of percent vs `unit`; series: label → [(x, asr, ba, ca)], ASR
+    in the paper's convention (`paper_asr`).
     CA is drawn dashed beside BA: the paper's claim is BA ≈ CA, which BA alone hides."""
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for label, points in series.items():
@@ -362,7 +397,7 @@ def plot_sweep(series: dict[str, list[tuple[float, float, float, float]]], unit:
         _line(axes[0], xs, asr, label)
         [ba_line] = _line(axes[1], xs, ba, f"{label}: BA")
         axes[1].plot(xs, ca, linestyle="--", color=ba_line.get_color(), label=f"{label}: CA")
-    for axis, metric in zip(axes, ("ASR", "BA, CA dashed"), strict=True):
+    for axis, metric in zip(axes, ("ASR, all inputs", "BA, CA dashed"), strict=True):
         axis.set_xlabel(unit)
         axis.set_ylabel(f"{metric} (%)")
         axis.set_ylim(-2, 102)

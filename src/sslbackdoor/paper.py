@@ -6,6 +6,10 @@ from typing import NamedTuple
 
 
 class PaperRow(NamedTuple):
+    """One setting's figures. BadEncoder's ASR-B and ASR count every triggered test input,
+    the target class included (its reference code's test loop): compare them with our
+    `asr_b_all`/`asr_all`, not the target-excluded `asr_b`/`asr`."""
+
     setting: str
     ca: float
     ba: float

@@ -23,6 +23,10 @@ from sslbackdoor.paper import (
     PaperRow,
 )
 
+CONVENTION_NOTE = ("`ASR` and `ASR-B` exclude test inputs whose true label is the target "
+                   "(CorruptEncoder's convention); `ASR (all)` and `ASR-B (all)` count every "
+                   "triggered test input, as the BadEncoder paper and its reference code do.")
+
 
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
@@ -54,7 +58,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def paper_table(rows: Sequence[PaperRow]) -> str:
-    return markdown_table(["setting (paper)", "CA", "BA", "ASR-B", "ASR"],
+    """The paper's figures; its ASR-B and ASR count every triggered input (our `(all)`)."""
+    return markdown_table(["setting (paper)", "CA", "BA", "ASR-B (all)", "ASR (all)"],
                           [[r.setting, f"{r.ca:.2f}", f"{r.ba:.2f}", f"{r.asr_b:.2f}",
                             f"{r.asr:.2f}"] for r in rows])
 
@@ -102,17 +107,19 @@ def render_report(results: dict[str, Any]) -> str:
         return rendered
     rows = [[t["task"], "–" if t["target_class"] is None else f"{t['target_class']} ({t['target_name']})",
              str(t["test_size"]), percent(t["ca"]), percent(t["ba"]), percent(t["asr_b"]),
-             percent(t["asr"]), percent(t["asr_all"])] for t in results["tasks"]]
+             percent(t["asr"]), percent(t.get("asr_b_all")), percent(t["asr_all"])]
+            for t in results["tasks"]]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
     parts = [
         f"# {results['name']}: BadEncoder results",
         scale_line(results),
         "## Results (percent)",
-        "ASR excludes test inputs whose true label is the target; `ASR (all)` counts them, "
-        "as the BadEncoder reference code does.",
+        CONVENTION_NOTE,
         markdown_table(["task", "target class", "test inputs", "CA", "BA", "ASR-B", "ASR",
-                        "ASR (all)"], rows),
+                        "ASR-B (all)", "ASR (all)"], rows),
         "## The paper's figures for the analogous setting",
+        "The paper counts every triggered test input, target class included: compare its "
+        "ASR-B and ASR with the `(all)` columns above.",
         *paper_section(results),
         "## Provenance",
         _provenance_lines(results),
@@ -122,10 +129,12 @@ def render_report(results: dict[str, Any]) -> str:
     if results.get("zero_shot"):
         parts += ["## Zero-shot classifiers (percent)",
                   "Built from the CLIP text tower and prompt templates; no training.",
-                  markdown_table(["task", "target class", "CA", "BA", "ASR-B", "ASR", "ASR (all)"],
+                  markdown_table(["task", "target class", "CA", "BA", "ASR-B", "ASR",
+                                  "ASR-B (all)", "ASR (all)"],
                                  [[z["task"], f"{z['target_class']} ({z['target_name']})",
                                    percent(z["ca"]), percent(z["ba"]), percent(z["asr_b"]),
-                                   percent(z["asr"]), percent(z["asr_all"])]
+                                   percent(z["asr"]), percent(z.get("asr_b_all")),
+                                   percent(z["asr_all"])]
                                   for z in results["zero_shot"]]),
                   paper_table(BADENCODER_CLIP_ZERO_SHOT)]
     if "figures" in results:
