@@ -80,7 +80,10 @@ def test_shipped_config_validates_at_both_scales(scale: str) -> None:
         assert config.simclr.method == "simclr" and config.simclr.arch == "convnet-small"
         assert config.poison_ratio <= 0.01 and config.trigger_size == 8
         assert config.simclr.precision == "fp32"  # no native bf16 on the small scale's CPUs
-        assert config.layout.object_height == 52  # the official trigger/canvas proportion
+        # Wide objects (bags) 42 px tall: the official canvas shape and trigger scale.
+        assert config.layout.object_height == 42 and target == 8
+        assert config.references is not None and config.references.label == target
+        assert config.simclr.augment.crop_scale == (0.2, 1.0)
         fashion, crops = config.pretrain_data
         assert fashion.classes is not None and target not in fashion.classes
         assert crops.dataset == "natural-crops"
