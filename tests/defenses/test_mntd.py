@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from sslbackdoor.data.datasets import load_dataset
-from sslbackdoor.defenses.mntd import MNTDConfig, roc_auc, run_mntd
+from sslbackdoor.defenses.mntd import (
+    MNTDConfig,
+    accuracy_at,
+    median_threshold,
+    roc_auc,
+    run_mntd,
+)
 from sslbackdoor.defenses.shadow import (
     JumboTriggerConfig,
     ShadowTrainingConfig,
@@ -61,3 +67,30 @@ def test_meta_classifier_separates_held_out_trojaned_encoders() -> None:
     result = run_mntd(tiny_encoder(0, feature_dim=16), images, config, CPU, seed=0)
     assert result.heldout_labels == [0, 1] * 4
     assert result.auc >= 0.875  # chance is 0.5; at most 2 of the 16 pairs misordered
+    scores, labels = torch.tensor(result.heldout_scores), torch.tensor(result.heldout_labels)
+    assert result.median_threshold == median_threshold(scores)
+    assert result.accuracy_at_median == accuracy_at(scores, labels, result.median_threshold)
+    summary = result.summary()
+    assert summary["heldout_auc"] == result.auc
+    assert summary["heldout_accuracy_at_median"] == result.accuracy_at_median
+    assert summary["heldout_median_threshold"] == result.median_threshold
+
+
+def test_the_official_threshold_is_the_median_score() -> None:
+    """The MNTD reference code's threshold='half': numpy's median of the evaluated scores
+    (the mean of the middle two for an even count), verdict `score > threshold`."""
+    scores = torch.tensor([0.9, 0.1, 0.3, 0.6])
+    assert median_threshold(scores) == pytest.approx(0.45)
+    assert median_threshold(torch.tensor([0.2, 0.7, 0.4])) == pytest.approx(0.4)
+    labels = torch.tensor([1, 0, 1, 0])
+    assert accuracy_at(scores, labels, 0.45) == 0.5  # 0.9 right, 0.1 right, 0.3 and 0.6 wrong
+    assert accuracy_at(scores, labels, 0.5) == 0.5
+    # all scores above 0.5: at 0.5 every encoder is "trojaned"; the median splits them
+    high = torch.tensor([0.61, 0.62, 0.71, 0.72])
+    assert accuracy_at(high, torch.tensor([0, 0, 1, 1]), 0.5) == 0.5
+    assert accuracy_at(high, torch.tensor([0, 0, 1, 1]), median_threshold(high)) == 1.0
+    assert roc_auc(high, torch.tensor([0, 0, 1, 1])) == 1.0
+    with pytest.raises(ValueError):
+        accuracy_at(torch.tensor([]), torch.tensor([]), 0.5)
+    with pytest.raises(ValueError):
+        median_threshold(torch.tensor([]))

@@ -8,7 +8,11 @@ The defender builds shadow encoders — half clean, half trojaned with triggers 
 
 so that meta(normalize(f(Q))) predicts whether an encoder f is trojaned (BCE, label 1 =
 trojaned, one encoder per step as in the reference code). A suspect encoder's score is
-sigmoid(meta(...)); the metric over held-out encoders is ROC AUC (`roc_auc`).
+sigmoid(meta(...)). Over the held-out shadow encoders two metrics are reported, never one
+for the other: ROC AUC (`roc_auc`), and detection accuracy at the official threshold — the
+reference code's `threshold='half'`, the median of the evaluated scores, so that half are
+called trojaned (`median_threshold`, `accuracy_at`). The BadEncoder paper's MNTD figure is
+such a detection accuracy; a single suspect's score is not comparable with it.
 
 Shadow encoders (documented choice): copies of a base encoder of the suspect's
 architecture fine-tuned by `shadow.finetune_shadow` — trojaned ones with the simpler
@@ -69,6 +73,25 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     greater = (positives[:, None] > negatives[None, :]).double().sum()
     ties = (positives[:, None] == negatives[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (positives.numel() * negatives.numel()))
+
+
+def median_threshold(scores: torch.Tensor) -> float:
+    """The median of scores [N] (the mean of the two middle values for an even N), as
+    numpy's median in the MNTD reference code."""
+    ordered = scores.flatten().double().sort().values
+    if ordered.numel() == 0:
+        raise ValueError("the median of no scores is undefined")
+    middle = ordered.numel() // 2
+    return float(ordered[middle] if ordered.numel() % 2 else ordered[middle - 1:middle + 1].mean())
+
+
+def accuracy_at(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
+    """Fraction of encoders whose verdict `score > threshold` matches its label (1 = trojaned)."""
+    scores, labels = scores.flatten(), labels.flatten().bool()
+    if scores.shape != labels.shape or scores.numel() == 0:
+        raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} must "
+                         f"be equally long and non-empty")
+    return float(((scores > threshold) == labels).double().mean())
 
 
 class MetaClassifier(nn.Module):
@@ -170,12 +193,16 @@ class MNTDResult:
     heldout_scores: list[float]
     heldout_labels: list[int]
     auc: float
-    accuracy: float
+    accuracy: float  # at the configured score_threshold
     trojan_cosines: list[float]
+    median_threshold: float = 0.5
+    accuracy_at_median: float = 0.0  # the official detection accuracy
 
     def summary(self) -> dict[str, object]:
         return {"heldout_scores": self.heldout_scores, "heldout_labels": self.heldout_labels,
                 "heldout_auc": self.auc, "heldout_accuracy": self.accuracy,
+                "heldout_median_threshold": self.median_threshold,
+                "heldout_accuracy_at_median": self.accuracy_at_median,
                 "shadow_trojan_cosines": self.trojan_cosines}
 
 
@@ -189,9 +216,12 @@ def run_mntd(base: Encoder, images: torch.Tensor, config: MNTDConfig, device: to
     meta = train_meta_classifier(train, image_size, config, device, seed)
     scores = [meta_score(meta, shadow.encoder, device) for shadow in heldout]
     labels = [int(shadow.trojaned) for shadow in heldout]
-    auc = roc_auc(torch.tensor(scores), torch.tensor(labels))
-    correct = [(score > config.score_threshold) == bool(label)
-               for score, label in zip(scores, labels, strict=True)]
-    log(f"  MNTD held-out AUC {auc:.3f}, accuracy {sum(correct) / len(correct):.3f}")
+    score_tensor, label_tensor = torch.tensor(scores), torch.tensor(labels)
+    auc = roc_auc(score_tensor, label_tensor)
+    accuracy = accuracy_at(score_tensor, label_tensor, config.score_threshold)
+    median = median_threshold(score_tensor)
+    at_median = accuracy_at(score_tensor, label_tensor, median)
+    log(f"  MNTD held-out AUC {auc:.3f}; detection accuracy {at_median:.3f} at the median "
+        f"score {median:.3f}, {accuracy:.3f} at {config.score_threshold}")
     cosines = [s.backdoor_cosine for s in [*train, *heldout] if s.backdoor_cosine is not None]
-    return MNTDResult(meta, scores, labels, auc, sum(correct) / len(correct), cosines)
+    return MNTDResult(meta, scores, labels, auc, accuracy, cosines, median, at_median)
