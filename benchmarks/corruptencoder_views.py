@@ -5,7 +5,7 @@ Both paths make the two SimCLR views of the same batches in this one process:
 * squashed (before): every image resized to S×S once, views cut from the squares
   (`SimCLRViews` on one uint8 tensor);
 * native (after): images kept at their own sizes (`NativeImages`: Fashion-MNIST-sized
-  28 px images, 64 px natural crops, 1% poisons of about 52 × 45 px as the small scale
+  28 px images, 64 px natural crops, 1% poisons of about 42 × 105 px as the small scale
   writes them), views cut from the native images, shrinking crops antialiased.
 
 Pixels are random (the cost does not depend on them). Prints views/s of both paths and
@@ -31,7 +31,7 @@ def native_set(generator: torch.Generator) -> NativeImages:
         return torch.randint(0, 256, (count, 3, height, width), dtype=torch.uint8,
                              generator=generator)
 
-    poisons = [image[0] for width in (40, 48, 50) for image in images(17, 52, width).split(1)]
+    poisons = [image[0] for width in (100, 105, 110) for image in images(17, 42, width).split(1)]
     return NativeImages.of([images(4500, 28, 28), images(500, 64, 64), poisons[:50]])
 
 
