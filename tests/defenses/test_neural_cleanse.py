@@ -23,6 +23,7 @@ from sslbackdoor.defenses.neural_cleanse import (
     NeuralCleanseSchedule,
     accuracy_and_asr,
     anomaly_indices,
+    inversion_images,
     median,
     neural_cleanse,
 )
@@ -74,13 +75,15 @@ def test_cost_schedule_follows_the_reference() -> None:
     for _ in range(5):
         schedule.update(False)
     assert schedule.cost == pytest.approx(2e-3 / 2 ** 1.5)
-    assert not schedule.should_stop(24, True) and schedule.should_stop(25, True)
+    assert not schedule.should_stop(24, True) and not schedule.stopped
+    assert schedule.should_stop(25, True) and schedule.stopped
 
 
 @pytest.fixture(scope="module")
 def scans(badnets: BadNetsModels, digits: Digits) -> dict[str, NeuralCleanseResult]:
     with one_thread():
-        return {name: neural_cleanse(model, digits.train_images, 10, CONFIG, CPU, seed=0)
+        return {name: neural_cleanse(model, digits.train_images, 10, CONFIG, CPU, seed=0,
+                                     labels=digits.train_labels)
                 for name, model in (("backdoored", badnets.backdoored),
                                     ("clean", badnets.clean))}
 
@@ -104,3 +107,54 @@ def test_the_clean_twin_has_no_small_trigger(scans: dict[str, NeuralCleanseResul
     smallest_clean = min(t.l1_norm for t in clean.triggers)
     assert smallest_clean > 2.5 * backdoored.triggers[TARGET].l1_norm
     assert clean.anomaly_index[TARGET] < 2.0
+
+
+def test_inversion_images_are_drawn_shuffled_and_class_balanced() -> None:
+    """A class-sorted set (as mnist-5k or GTSRB load): its first 40 would be classes 0–1;
+    the draw takes 10 of each of the 4 classes, seeded."""
+    labels = torch.arange(4).repeat_interleave(50)  # sorted: 50 × class 0, then 1, ...
+    images = labels.view(-1, 1, 1, 1).expand(-1, 3, 2, 2).float() * 10
+    images = images + torch.arange(200).view(-1, 1, 1, 1) / 1000  # each image distinct
+    drawn = inversion_images(images, labels, 40, seed=3)
+    drawn_labels = (drawn[:, 0, 0, 0] / 10).floor().long()
+    assert torch.bincount(drawn_labels, minlength=4).tolist() == [10, 10, 10, 10]
+    assert torch.unique(drawn[:, 0, 0, 0]).numel() == 40  # no image twice
+    assert torch.equal(drawn, inversion_images(images, labels, 40, seed=3))
+    assert not torch.equal(drawn, inversion_images(images, labels, 40, seed=4))
+    assert not torch.equal(drawn, images[:40])
+    # a class that runs out leaves its turns to the others
+    scarce = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones(97, dtype=torch.long)])
+    counts = torch.bincount(scarce[inversion_images(torch.arange(100).float().view(-1, 1, 1, 1)
+                                                    .expand(-1, 3, 1, 1), scarce, 20, 0)
+                                   [:, 0, 0, 0].long()], minlength=2)
+    assert counts.tolist() == [3, 17]
+    unlabeled = inversion_images(images, None, 40, seed=3)
+    assert unlabeled.shape[0] == 40 and not torch.equal(unlabeled, images[:40])
+
+
+def test_the_default_budget_is_the_reference_codes() -> None:
+    inversion = NeuralCleanseConfig().inversion
+    assert (inversion.steps, inversion.batches_per_step, inversion.batch_size) == (1000, 31, 32)
+    assert inversion.early_stop_patience == 25
+
+
+def test_each_label_says_whether_its_search_converged(
+        scans: dict[str, NeuralCleanseResult]) -> None:
+    """Converged = stopped by the early-stop rule before the step budget ran out."""
+    # at this test's 80 steps few labels converge (measured: the backdoored
+    # model's label 1 only, after 71 steps); the point is that the report tells them apart
+    assert any(t.converged for result in scans.values() for t in result.triggers)
+    for result in scans.values():
+        summary = result.summary()
+        assert summary["converged"] == [t.converged for t in result.triggers]
+        assert summary["steps"] == [t.steps for t in result.triggers]
+        for trigger in result.triggers:
+            if trigger.converged:
+                assert trigger.steps <= CONFIG.inversion.steps
+            if trigger.steps < CONFIG.inversion.steps:
+                assert trigger.converged  # only the early-stop rule ends a search early
+    starved = NeuralCleanseConfig(inversion=InversionConfig(steps=3, batches_per_step=1),
+                                  max_images=64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    quick = neural_cleanse(model, torch.rand(64, 3, 16, 16), 3, starved, CPU, seed=0)
+    assert quick.summary()["converged"] == [False, False, False]

@@ -13,7 +13,17 @@ count are the mean of the two middle values (unlike `torch.median`, which takes 
 Cost schedule (the reference code's): c starts at 0; once `patience` consecutive steps
 reach attack success ≥ 0.99 it is set to 1e-3; afterwards c ×2 after `patience`
 successes and ÷2^1.5 after `patience` failures. Stop early once c has moved both ways
-and the best norm has not shrunk for 25 steps.
+and the best norm has not shrunk for 25 steps. A label whose search stopped so has
+*converged*; one that ran out of steps first has not, and its norm is only an upper bound
+(reported per label: `converged`).
+
+Budget (the reference code's, `gtsrb_visualize_example.py`): at most 1000 steps of
+1000 // 32 = 31 mini-batches of 32 images each, early stop after 25 steps without a smaller
+mask. Smaller budgets (the shipped small configs) say per label whether they converged.
+
+Inversion images: `max_images` drawn at random, seeded, class-balanced when the labels are
+given (`inversion_images`): the reference code draws its batches shuffled from the whole
+test set, and the first N of a class-sorted set would hold a few classes only.
 
 Mitigation (unlearning): fine-tune the whole classifier one epoch on 10% of the clean
 data, 20% of which is stamped with the reversed trigger of the flagged label while
@@ -60,13 +70,15 @@ class UnlearnConfig(BaseModel):
 class NeuralCleanseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inversion: InversionConfig = InversionConfig(steps=600, batch_size=32)
+    inversion: InversionConfig = InversionConfig(steps=1000, batches_per_step=1000 // 32,
+                                                 batch_size=32)
     init_cost: float = Field(1e-3, gt=0)
     cost_up: float = Field(2.0, gt=1)
     cost_down: float = Field(2.0 ** 1.5, gt=1)
     success_threshold: float = Field(0.99, gt=0, le=1)
     anomaly_threshold: float = Field(2.0, gt=0)
-    max_images: int = Field(1000, ge=2, description="clean images used for inversion")
+    max_images: int = Field(1000, ge=2, description="clean images used for inversion, drawn "
+                                                    "seeded and class-balanced")
     unlearn: UnlearnConfig = UnlearnConfig()
 
 
@@ -82,6 +94,7 @@ class NeuralCleanseSchedule(CostSchedule):
         self.initialised = False
         self.set_counter = self.up_counter = self.down_counter = 0
         self.moved_up = self.moved_down = False
+        self.stopped = False  # by the early-stop rule, i.e. converged
 
     def update(self, success: bool) -> None:
         if not self.initialised:
@@ -99,8 +112,11 @@ class NeuralCleanseSchedule(CostSchedule):
             self.cost, self.down_counter, self.moved_down = self.cost / self.down, 0, True
 
     def should_stop(self, steps_since_improvement: int, success: bool) -> bool:
-        return (self.moved_up and self.moved_down
-                and steps_since_improvement >= self.early_stop_patience)
+        # The loop stops at the first True, so remembering it tells whether the search
+        # converged or ran out of steps.
+        self.stopped = self.stopped or (self.moved_up and self.moved_down
+                                        and steps_since_improvement >= self.early_stop_patience)
+        return self.stopped
 
 
 class TargetLabelObjective:
@@ -165,6 +181,7 @@ class LabelTrigger:
     steps: int
     mask: torch.Tensor
     pattern: torch.Tensor
+    converged: bool = False  # stopped by the early-stop rule, not by the step budget
 
 
 @dataclass
@@ -180,19 +197,44 @@ class NeuralCleanseResult:
     def summary(self) -> dict[str, object]:
         return {"norms": [t.l1_norm for t in self.triggers],
                 "inversion_succeeded": [t.success for t in self.triggers],
+                "converged": [t.converged for t in self.triggers],
+                "steps": [t.steps for t in self.triggers],
                 "anomaly_index": self.anomaly_index, "min_label": self.min_label,
                 "min_label_anomaly_index": self.min_label_index, "flagged": self.flagged,
                 "threshold": self.threshold, "mitigation": self.mitigation}
 
 
+def inversion_images(images: torch.Tensor, labels: torch.Tensor | None, count: int,
+                     seed: int) -> torch.Tensor:
+    """`count` of images [N,3,H,W] drawn at random (seeded); with labels [N], class-balanced:
+    classes take turns, each giving its next random image, until `count` are drawn (a class
+    that runs out drops out of the turns)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(images.shape[0], generator=generator)
+    if labels is None or count >= images.shape[0]:
+        return images[order[:count]]
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    shuffled = labels[order]
+    classes = torch.unique(labels)
+    turns: list[tuple[int, int, int]] = []  # (rank within its class, class turn, image)
+    for turn, label in enumerate(classes[torch.randperm(len(classes), generator=generator)]):
+        members = order[shuffled == label]  # this class's images, in random order
+        turns += [(rank, turn, int(index)) for rank, index in enumerate(members)]
+    chosen = torch.tensor([index for _, _, index in sorted(turns)[:count]])
+    return images[chosen[torch.randperm(chosen.numel(), generator=generator)]]
+
+
 def neural_cleanse(classifier: nn.Module, images: torch.Tensor, num_classes: int,
                    config: NeuralCleanseConfig, device: torch.device,
-                   seed: int = 0) -> NeuralCleanseResult:
+                   seed: int = 0, labels: torch.Tensor | None = None) -> NeuralCleanseResult:
     """Reverse a trigger per label and compute the anomaly index.
 
     Args:
         classifier: maps images [B,3,H,W] in [0,1] to logits [B,C] (frozen here).
         images: the defender's clean images [N,3,H,W] (uint8 or float in [0,1]).
+        labels: their labels [N], to draw the `max_images` inversion images class-balanced
+            (without, they are drawn at random).
 
     A label whose inversion never reaches the success threshold gets the whole image's
     area H·W as its norm: no trigger smaller than the image was found.
@@ -202,7 +244,7 @@ def neural_cleanse(classifier: nn.Module, images: torch.Tensor, num_classes: int
     model = classifier.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    images = images[:config.max_images]
+    images = inversion_images(images, labels, config.max_images, seed)
     triggers = [_invert_label(model, images, label, config, device, seed)
                 for label in range(num_classes)]
     norms = torch.tensor([t.l1_norm for t in triggers])
@@ -224,8 +266,10 @@ def _invert_label(model: nn.Module, images: torch.Tensor, label: int,
                             label=f"label {label}")
     norm = result.l1_norm if result.success else float(result.mask[0].numel())
     log(f"  Neural Cleanse label {label}: ‖m‖₁={norm:.1f} "
-        f"({'found' if result.success else 'not found'}, {result.steps} steps)")
-    return LabelTrigger(label, norm, result.success, result.steps, result.mask, result.pattern)
+        f"({'found' if result.success else 'not found'}, {result.steps} steps, "
+        f"{'converged' if schedule.stopped else 'step budget spent, not converged'})")
+    return LabelTrigger(label, norm, result.success, result.steps, result.mask, result.pattern,
+                        schedule.stopped)
 
 
 def unlearn(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
