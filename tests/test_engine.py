@@ -72,3 +72,37 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path: Path,
     monkeypatch.setattr(engine.os, "access", lambda path, mode: False)
     with pytest.raises(UserInputError, match="is not writable"):
         engine.check_output_folder(tmp_path / "new")
+
+
+SAFETENSORS_TWICE = """
+import hashlib, sys, torch
+from sslbackdoor.engine import safetensors_bytes
+tensors = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(5, dtype=torch.bfloat16)}
+metadata = {f"key{i}": f"value {i} é" for i in range(20)}
+sys.stdout.write(hashlib.sha256(safetensors_bytes(tensors, metadata)).hexdigest())
+"""
+
+
+def test_safetensors_bytes_are_the_same_in_every_process() -> None:
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", SAFETENSORS_TWICE], check=True, capture_output=True,
+                              text=True).stdout for _ in range(3)}
+    assert len(digests) == 1
+
+
+def test_safetensors_bytes_load_back_with_their_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from sslbackdoor.engine import safetensors_bytes
+
+    tensors = {"w": torch.randn(3, 4), "x": torch.arange(7, dtype=torch.int64)}
+    metadata = {"zeta": "1", "alpha": "two", "mid": "ü"}
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(safetensors_bytes(tensors, metadata))
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == metadata
+        for name, tensor in tensors.items():
+            assert torch.equal(handle.get_tensor(name), tensor)
+    assert (path.stat().st_size - 8) % 8 == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,6 +125,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     (safetensors' `save_file`) report a full disk as their own error type; writing their
     bytes here makes it an OSError(ENOSPC) that names the file."""
     atomic_write(path, lambda tmp: write_file_bytes(tmp, data))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding of `tensors`, identical for identical inputs.
+
+    safetensors writes its metadata in hash-map order, which differs between processes, so
+    the same weights got another sha256 in every run; the header is re-emitted with the
+    metadata keys sorted (tensor entries and data bytes unchanged)."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    header_length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_length:]
 
 
 def write_file_bytes(path: Path, data: bytes) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from sslbackdoor.engine import atomic_write_bytes
+from sslbackdoor.engine import atomic_write_bytes, safetensors_bytes
 from sslbackdoor.errors import UserInputError, first_line
 
 
@@ -37,7 +37,7 @@ def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"epoch": str(state.epoch), "param_groups": json.dumps(optim_state["param_groups"]),
                 "extras": json.dumps(state.extras)}
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))  # a full disk → OSError
+    atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata))  # a full disk → OSError
 
 
 def load_training_state(path: Path, model: torch.nn.Module,

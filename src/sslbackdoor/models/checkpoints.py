@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from sslbackdoor.engine import atomic_write_bytes
+from sslbackdoor.engine import atomic_write_bytes, safetensors_bytes
 from sslbackdoor.errors import UserInputError, first_line
 from sslbackdoor.models.encoders import Encoder, build_encoder
 
