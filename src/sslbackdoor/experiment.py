@@ -5,7 +5,7 @@ Writes into the output folder:
   attack_state.safetensors       the attack's per-epoch checkpoint (for --resume)
   attack_state.trajectory        hash of the attack that checkpoint belongs to
   backdoored_encoder.safetensors the backdoored encoder
-  results.json                   metrics, provenance, timings (schema in README)
+  results.json                   metrics, provenance, timings (schema: docs/results-schema.md)
   similarity_cdf.png, report.md  the paper's Fig. 4 analogue and the report
 """
 

