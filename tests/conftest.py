@@ -12,6 +12,7 @@ from sslbackdoor.models.encoders import Encoder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 INTEROP = SHARED / "interop"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # reference-format files vendored in the repo
 
 
 class TinyConvNet(torch.nn.Module):

@@ -4,9 +4,9 @@ import torch
 
 from sslbackdoor.data.triggers import Trigger, TriggerSpec
 from sslbackdoor.errors import UserInputError
-from tests.conftest import INTEROP
+from tests.conftest import FIXTURES
 
-REFERENCE_TRIGGER = INTEROP / "trigger_pt_white_21_10_ap_replace.npz"
+REFERENCE_TRIGGER = FIXTURES / "badencoder" / "trigger_pt_white_21_10_ap_replace.npz"
 
 
 def test_default_spec_is_the_reference_trigger_position() -> None:
@@ -19,8 +19,6 @@ def test_default_spec_is_the_reference_trigger_position() -> None:
 
 
 def test_matches_reference_code_trigger_file_on_uint8_pixels() -> None:
-    if not REFERENCE_TRIGGER.is_file():
-        pytest.skip(f"interop file {REFERENCE_TRIGGER} is not beside this checkout")
     ours = Trigger.from_spec(TriggerSpec(size=10, margin=1), 32)
     theirs = Trigger.from_reference_npz(REFERENCE_TRIGGER)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
