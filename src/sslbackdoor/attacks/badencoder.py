@@ -16,7 +16,9 @@ L1's augmented references: the reference code's dataset returns, with every shad
 a fresh augmentation of each target's reference, so per step L1 averages over batch_size
 augmented copies (`reference_augmentations: null`, the default). A count n draws n copies
 per target and step instead, going round the target's K references (n = K is one per
-reference, this project's behaviour before issue #17, cheaper by about a third of a step).
+reference, this project's behaviour before issue #17). The augmentation (flip, colour jitter,
+grayscale, drawn per image) runs batched (`reference_jitter`), as torchvision's transforms
+image by image cost more than the encoder's step at batch 128.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslbackdoor.data.augment import augment_each, reference_augmentation
+from sslbackdoor.attacks import reference_jitter
 from sslbackdoor.data.triggers import Trigger
 from sslbackdoor.downstream.features import encode
 from sslbackdoor.engine import autocast, prepare_module, to_device_images
@@ -161,7 +163,6 @@ class BadEncoderAttack:
                                          weight_decay=config.weight_decay)
         self.references = [to_device_images(t.references, device) for t in self.targets]
         self.references_clean = [self._clean_features(r) for r in self.references]
-        self.augmentation = reference_augmentation()
         count = config.reference_augmentations or config.batch_size
         # which reference each augmented copy is made from: round-robin over the K references
         self.augmented_sources = [torch.arange(count) % r.shape[0] for r in self.references]
@@ -169,7 +170,7 @@ class BadEncoderAttack:
     def augmented_references(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per target, freshly augmented reference images [n,3,H,W] and the clean features
         [n,D] of the reference each copy was made from (L1's pairs)."""
-        images = [augment_each(r[i.to(r.device)], self.augmentation)
+        images = [reference_jitter.augment(r[i.to(r.device)])
                   for r, i in zip(self.references, self.augmented_sources, strict=True)]
         clean = [c[i.to(c.device)] for c, i in zip(self.references_clean, self.augmented_sources,
                                                    strict=True)]
