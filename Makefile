@@ -7,12 +7,15 @@ OUT    ?= runs/demo
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SSLBACKDOOR_DATA := $(DATA)
 
-.PHONY: demo test setup data lint typecheck unit benchmark clean lock
+.PHONY: demo test test-fast setup data lint typecheck unit unit-fast benchmark clean lock
 
 demo: setup data
 	$(BIN)/sslbackdoor demo --out $(OUT)
 
 test: setup data lint typecheck unit
+
+# The fast tier: everything but the end-to-end tests marked slow (they train real models).
+test-fast: setup data lint typecheck unit-fast
 
 setup: $(VENV)/.installed
 
@@ -67,6 +70,9 @@ typecheck: setup
 
 unit: setup data
 	$(BIN)/python -m pytest
+
+unit-fast: setup data
+	$(BIN)/python -m pytest -m 'not slow'
 
 benchmark: setup data
 	$(BIN)/python benchmarks/precision.py
