@@ -9,6 +9,7 @@ import torch
 
 from sslbackdoor import engine
 from sslbackdoor.errors import UserInputError
+from sslbackdoor.models.encoders import Encoder
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -106,3 +107,18 @@ def test_safetensors_bytes_load_back_with_their_metadata(tmp_path: Path) -> None
         for name, tensor in tensors.items():
             assert torch.equal(handle.get_tensor(name), tensor)
     assert (path.stat().st_size - 8) % 8 == 0
+
+
+def test_freeze_batchnorm_keeps_running_stats_and_affine_fixed(tiny_encoder: Encoder) -> None:
+    engine.freeze_batchnorm(tiny_encoder)
+    batchnorms = [m for m in tiny_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and all(not m.training for m in batchnorms)
+    assert all(not p.requires_grad for m in batchnorms for p in m.parameters())
+    assert any(p.requires_grad for p in tiny_encoder.parameters())  # only BatchNorm is frozen
+
+
+def test_environment_names_the_device_and_versions() -> None:
+    found = engine.environment(torch.device("cpu"))
+    assert found["device"] == "cpu" and found["torch"] == torch.__version__
+    assert found["bf16"] == engine.uses_bf16(torch.device("cpu"))
+    assert set(found) == {"device", "torch", "threads", "machine", "bf16", "python"}

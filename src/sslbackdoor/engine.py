@@ -1,4 +1,4 @@
-"""Device, precision, seeding and crash-safe file writes shared by every stage."""
+"""Device, precision, seeding, eval-mode helpers and crash-safe file writes shared by every stage."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import contextlib
 import functools
 import json
 import os
+import platform
 import random
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +53,13 @@ def cpu_runs_bf16_natively() -> bool:
 def uses_bf16(device: torch.device, requested: bool = True) -> bool:
     """bf16 autocast where it is the fast path: CUDA, and CPUs with native bf16."""
     return requested and (device.type != "cpu" or cpu_runs_bf16_natively())
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a results.json records about the machine a run used."""
+    return {"device": str(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "bf16": uses_bf16(device), "python": platform.python_version()}
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -186,3 +194,12 @@ def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield module
     finally:
         module.train(was_training)
+
+
+def freeze_batchnorm(encoder: torch.nn.Module) -> None:
+    """Eval mode everywhere (BatchNorm uses its running statistics) and BN affine frozen."""
+    encoder.eval()
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)

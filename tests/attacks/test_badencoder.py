@@ -9,7 +9,6 @@ from sslbackdoor.attacks.badencoder import (
     BadEncoderAttack,
     BadEncoderConfig,
     badencoder_loss,
-    freeze_batchnorm,
 )
 from sslbackdoor.data.triggers import Trigger, TriggerSpec
 from sslbackdoor.downstream.features import encode
@@ -63,13 +62,6 @@ def test_gradients_flow_through_both_sides_of_l0() -> None:
     badencoder_loss(same, same, [triggered], [reference], [same], [same]).total.backward()
     assert triggered.grad is not None and reference.grad is not None
     assert reference.grad.abs().sum() > 0
-
-
-def test_freeze_batchnorm_keeps_running_stats_and_affine_fixed(tiny_encoder: Encoder) -> None:
-    freeze_batchnorm(tiny_encoder)
-    batchnorms = [m for m in tiny_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert batchnorms and all(not m.training for m in batchnorms)
-    assert all(not p.requires_grad for m in batchnorms for p in m.parameters())
 
 
 def _targets(size: int = 16) -> list[AttackTarget]:

@@ -33,12 +33,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from sslbackdoor.attacks import reference_jitter
 from sslbackdoor.data.triggers import Trigger
 from sslbackdoor.downstream.features import encode
-from sslbackdoor.engine import autocast, prepare_module, to_device_images
+from sslbackdoor.engine import autocast, freeze_batchnorm, prepare_module, to_device_images
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.encoders import Encoder
 from sslbackdoor.progress import log, track
@@ -121,15 +120,6 @@ def badencoder_loss(shadow_backdoored: torch.Tensor, shadow_clean: torch.Tensor,
                                                             references_clean, strict=True)]).mean()
     l2 = -paired_cosine(shadow_backdoored, shadow_clean)
     return LossTerms(l0 + lambda1 * l1 + lambda2 * l2, l0, l1, l2)
-
-
-def freeze_batchnorm(encoder: nn.Module) -> None:
-    """Eval mode everywhere (BatchNorm uses its running statistics) and BN affine frozen."""
-    encoder.eval()
-    for module in encoder.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
 
 
 @dataclass

@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslbackdoor.attacks.badencoder import freeze_batchnorm
 from sslbackdoor.data.triggers import Trigger
 from sslbackdoor.defenses.inversion import CostSchedule, InversionConfig, invert_trigger, stamp
-from sslbackdoor.engine import eval_mode, to_device_images
+from sslbackdoor.engine import eval_mode, freeze_batchnorm, to_device_images
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.metrics import accuracy, attack_success_rate
 from sslbackdoor.progress import log

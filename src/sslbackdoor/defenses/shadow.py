@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sslbackdoor.attacks.badencoder import freeze_batchnorm
 from sslbackdoor.data.triggers import Trigger
 from sslbackdoor.downstream.features import encode
-from sslbackdoor.engine import autocast, to_device_images
+from sslbackdoor.engine import autocast, freeze_batchnorm, to_device_images
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.encoders import Encoder
 
