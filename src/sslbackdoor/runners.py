@@ -51,7 +51,7 @@ def experiment_kind(name: str) -> ExperimentKind:
 
 
 def validate_experiment(raw: dict[str, Any], label: str) -> tuple[ExperimentKind, BaseModel]:
-    from sslbackdoor.config import format_validation_error
+    from sslbackdoor.config_io import format_validation_error
 
     kind = experiment_kind(str(raw.get("kind", "badencoder")))
     try:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslbackdoor.config import DataSource
 from sslbackdoor.data.datasets import Split
+from sslbackdoor.data.sources import DataSource, dataset_tensors, load_sources
 from sslbackdoor.engine import to_device_images
 from sslbackdoor.errors import UserInputError
 
@@ -165,7 +165,6 @@ def _native_source(source: DataSource, data_root: str | None, seed: int, downloa
         native_image,
         native_size_known,
     )
-    from sslbackdoor.data.sources import load_sources
 
     if native_size_known(source.dataset):  # one size: load it unresized, as one batch
         images, entries = load_sources([source], None, data_root=data_root,  # type: ignore[arg-type]
@@ -197,7 +196,6 @@ def load_native_labelled(name: str, split: Split, *, root: str | None = None, se
         native_image,
         native_size_known,
     )
-    from sslbackdoor.downstream.features import dataset_tensors
 
     if native_size_known(name):
         return dataset_tensors(load_dataset(name, split, image_size=None, root=root, seed=seed,

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
+from torch.utils.data import DataLoader
 
-from sslbackdoor.config import DataSource
-from sslbackdoor.data.datasets import load_dataset
-from sslbackdoor.downstream.features import dataset_tensors
+from sslbackdoor.config_io import Strict
+from sslbackdoor.data.datasets import ImageDataset, TensorImageDataset, load_dataset
 from sslbackdoor.errors import UserInputError
+
+
+class DataSource(Strict):
+    dataset: str
+    split: Literal["train", "test", "unlabeled"] = "train"
+    limit: int | None = Field(None, ge=1)
+    classes: list[int] | None = Field(None, description="keep only these labels")
+    root: str | None = None
+
+
+def dataset_tensors(dataset: ImageDataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images (uint8 [N,3,S,S]) and labels [N] of a dataset, loaded once."""
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images, dataset.labels
+    images, labels = [], []
+    for batch_images, batch_labels in DataLoader(dataset, batch_size=batch_size):  # type: ignore[arg-type]
+        images.append(batch_images)
+        labels.append(torch.as_tensor(batch_labels))
+    return torch.cat(images), torch.cat(labels)
 
 
 def load_sources(sources: list[DataSource], image_size: int, *, data_root: str | None = None,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from sslbackdoor.data.datasets import ImageDataset, TensorImageDataset
+from sslbackdoor.data.sources import dataset_tensors
 from sslbackdoor.data.triggers import Trigger
 from sslbackdoor.engine import autocast, eval_mode, to_device_images
 from sslbackdoor.models.encoders import Encoder
+
+__all__ = ["DEFAULT_BATCH", "dataset_tensors", "encode"]  # dataset_tensors: the data layer's, kept importable here
 
 DEFAULT_BATCH = 256
 
@@ -32,14 +33,3 @@ def encode(encoder: Encoder | torch.nn.Module, images: torch.Tensor, device: tor
                 outputs.append(encoder(batch).float())
     features = torch.cat(outputs) if outputs else torch.empty(0)
     return F.normalize(features, dim=1) if normalize else features
-
-
-def dataset_tensors(dataset: ImageDataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images (uint8 [N,3,S,S]) and labels [N] of a dataset, loaded once."""
-    if isinstance(dataset, TensorImageDataset):
-        return dataset.images, dataset.labels
-    images, labels = [], []
-    for batch_images, batch_labels in DataLoader(dataset, batch_size=batch_size):  # type: ignore[arg-type]
-        images.append(batch_images)
-        labels.append(torch.as_tensor(batch_labels))
-    return torch.cat(images), torch.cat(labels)

@@ -31,22 +31,22 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch.nn.parallel import DistributedDataParallel
 
-from sslbackdoor.config import DataSource, dump_config, format_validation_error
+from sslbackdoor.config_io import Strict, dump_config, format_validation_error
 from sslbackdoor.data.datasets import Split, load_dataset
 from sslbackdoor.data.native import PretrainImages, device_images, image_sizes
-from sslbackdoor.downstream.features import dataset_tensors
+from sslbackdoor.data.sources import DataSource, dataset_tensors
 from sslbackdoor.downstream.probe import ProbeConfig
 from sslbackdoor.engine import (
     atomic_write_text,
     autocast,
+    environment,
     prepare_module,
     seed_everything,
 )
 from sslbackdoor.errors import UserInputError
-from sslbackdoor.experiment import environment
 from sslbackdoor.models.checkpoints import save_encoder
 from sslbackdoor.models.encoders import build_encoder
 from sslbackdoor.progress import log, track
@@ -72,10 +72,6 @@ from sslbackdoor.training_state import TrainingState, load_training_state, save_
 
 RESULTS_SCHEMA = "sslbackdoor.pretrain/1"
 CACHE_FORMAT = "1"  # bump when a change alters the weights a config produces
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class MoCoSettings(Strict):
