@@ -262,7 +262,7 @@ def evaluate(
     if (template or clip_weights) and not zero_shot:
         raise UserInputError("--template and --clip-weights only apply with --zero-shot")
     if zero_shot:
-        from sslbackdoor.downstream.zeroshot import run_zero_shot_stage
+        from sslbackdoor.zero_shot_stage import run_zero_shot_stage
 
         results = run_zero_shot_stage(encoder, task, out, arch=arch, clean=clean,
                                       clip_weights=clip_weights, templates=template or [],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,18 @@ from sslbackdoor.downstream.evaluate import (
     load_task,
 )
 from sslbackdoor.downstream.features import encode
-from sslbackdoor.downstream.zeroshot import prepare_zero_shot, zero_shot_for_experiment
+from sslbackdoor.downstream.zeroshot import (
+    evaluate_zero_shot,
+    templates_for,
+    zero_shot_class_names,
+    zero_shot_weights,
+)
 from sslbackdoor.engine import (
     atomic_write_text,
+    environment,
     prepare_module,
     resolve_device,
     seed_everything,
-    uses_bf16,
 )
 from sslbackdoor.errors import UserInputError
 from sslbackdoor.models.checkpoints import encoder_provenance, load_encoder, save_encoder
@@ -245,12 +249,6 @@ def run_badencoder_experiment(config: ExperimentConfig, out_dir: Path,
     return results
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    return {"device": str(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "bf16": uses_bf16(device), "python": platform.python_version()}
-
-
 def evaluate_all(config: ExperimentConfig, tasks: dict[str, TaskData],
                  targets: list[AttackTarget], clean: Encoder, backdoored: Encoder,
                  device: torch.device) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
@@ -285,6 +283,60 @@ def evaluate_all(config: ExperimentConfig, tasks: dict[str, TaskData],
         log(f"  {name}: CA={entry['ca']:.4f} BA={entry['ba']:.4f}" +
             (f" ASR-B={entry['asr_b']:.4f} ASR={entry['asr']:.4f}" if entry["asr"] is not None else ""))
     return results, similarities
+
+
+@dataclass
+class ZeroShotPlan:
+    """Text classifiers [C,D] (CPU) per task, computed before the attack so that a bad
+    weights file fails fast and the text tower's memory is freed during the attack."""
+
+    weights: dict[str, torch.Tensor]
+    templates: dict[str, list[str]]
+    provenance: dict[str, str]
+
+
+def prepare_zero_shot(config: ExperimentConfig, tasks: dict[str, TaskData],
+                      device: torch.device) -> ZeroShotPlan | None:
+    """Load the CLIP text tower and build every zero-shot task's classifier (None if unset)."""
+    spec = config.downstream.zero_shot
+    if spec is None:
+        return None
+    from sslbackdoor.models.clip import load_clip
+
+    bundle = load_clip(config.encoder.arch, spec.clip_weights or config.encoder.weights)
+    bundle.model.to(device)
+    plan = ZeroShotPlan({}, {}, bundle.provenance)
+    for name in spec.tasks or list(tasks):
+        plan.templates[name] = templates_for(name, spec.templates)
+        names = zero_shot_class_names(name, tasks[name].classes)
+        plan.weights[name] = zero_shot_weights(bundle, names, plan.templates[name]).cpu()
+    return plan
+
+
+def zero_shot_for_experiment(config: ExperimentConfig, plan: ZeroShotPlan | None,
+                             tasks: dict[str, TaskData], targets: list[AttackTarget],
+                             clean: Encoder, backdoored: Encoder,
+                             device: torch.device) -> list[dict[str, Any]] | None:
+    """One results entry per zero-shot task (None when the config asks for none)."""
+    if plan is None:
+        return None
+    target_of = {t.task: (i, t.target_class) for i, t in enumerate(config.targets)}
+    entries = []
+    for name, weights in plan.weights.items():
+        task = tasks[name]
+        index, target_class = target_of.get(name, (None, None))
+        scores = evaluate_zero_shot(
+            clean, backdoored, weights, task.test_images, task.test_labels, device,
+            trigger=targets[index].trigger if index is not None else None,
+            target_class=target_class, precision=config.attack.precision)
+        entries.append({"task": name, "target_class": target_class,
+                        "target_name": (task.classes[target_class]
+                                        if target_class is not None else None),
+                        **scores, "templates": plan.templates[name],
+                        "test_size": len(task.test_labels)})
+        log(f"  {name} zero-shot: " + " ".join(f"{k.upper()}={v:.4f}"
+                                               for k, v in scores.items() if v is not None))
+    return entries
 
 
 def write_outputs(out_dir: Path, results: dict[str, Any],
