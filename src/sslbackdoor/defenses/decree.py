@@ -310,7 +310,7 @@ def scan_inputs(arch: str, default_image_size: int, metadata: Mapping[str, str])
         return ScanInputs(size, source, size_reason, "a sample of the encoder's recorded "
                                                      "pre-training data", loop)
     return ScanInputs(size, DEFAULT_SCAN_SHADOW, size_reason,
-                      "natural photo crops (no pre-training data recorded)", loop)
+                      "natural photo crops: no pre-training data recorded", loop)
 
 
 def _scan_size(arch: str, default_image_size: int, metadata: Mapping[str, str],
