@@ -72,10 +72,12 @@ def test_scan_uses_the_size_recorded_in_the_checkpoint() -> None:
     assert (chosen.image_size, chosen.shadow) == (96, DEFAULT_SCAN_SHADOW)
 
 
-def test_scan_samples_the_recorded_pretraining_data_at_its_size() -> None:
+def test_scan_samples_held_out_images_of_the_pretraining_data_at_its_size() -> None:
     pretrain = json.dumps({"image_size": 28, "data": [{"dataset": "fashion-mnist", "split": "train"}]})
     chosen = scan_inputs("convnet-small", 32, {"pretrain": pretrain})
-    assert (chosen.image_size, chosen.shadow) == (28, "fashion-mnist/train@300")
+    assert (chosen.image_size, chosen.shadow) == (28, "fashion-mnist/test@300")
+    pretrain = json.dumps({"data": [{"dataset": "natural-crops", "split": "unlabeled"}]})
+    assert scan_inputs("convnet-small", 32, {"pretrain": pretrain}).shadow == "natural-crops/unlabeled@300"
 
 
 def test_scan_without_metadata_runs_imagenet_cnns_at_64_px_and_others_natively() -> None:

@@ -297,8 +297,8 @@ def scan_inputs(arch: str, default_image_size: int, metadata: Mapping[str, str])
     comes from the checkpoint where it says (`image_size`, or a pre-training config's); a
     torchvision ImageNet CNN without one is scanned at this project's 64 px (its native 224
     would cost ≈12× more per step on a CPU), anything else at its architecture's native
-    size. Shadow images: a sample of the recorded pre-training data (the reference uses the
-    pre-training domain's test images), else natural photo crops. Loop: the reference's
+    size. Shadow images: 300 test images of the recorded pre-training dataset (as the
+    reference uses its domain's test set), else natural photo crops. Loop: the reference's
     ImageNet/CLIP settings for torchvision and CLIP encoders, its CIFAR ones otherwise.
     """
     pretrain = _json_field(metadata, "pretrain")
@@ -306,9 +306,10 @@ def scan_inputs(arch: str, default_image_size: int, metadata: Mapping[str, str])
     loop = "imagenet" if arch.startswith(("torchvision:", "clip:")) else "cifar"
     data = pretrain.get("data") if isinstance(pretrain, dict) else None
     if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("dataset"):
-        source = f"{data[0]['dataset']}/{data[0].get('split') or 'train'}@{SHADOW_IMAGES}"
-        return ScanInputs(size, source, size_reason, "a sample of the encoder's recorded "
-                                                     "pre-training data", loop)
+        dataset = str(data[0]["dataset"])
+        split = _held_out_split(dataset, str(data[0].get("split") or "train"))
+        return ScanInputs(size, f"{dataset}/{split}@{SHADOW_IMAGES}", size_reason,
+                          f"{split} images of the encoder's recorded pre-training dataset", loop)
     return ScanInputs(size, DEFAULT_SCAN_SHADOW, size_reason,
                       "natural photo crops: no pre-training data recorded", loop)
 
@@ -324,6 +325,17 @@ def _scan_size(arch: str, default_image_size: int, metadata: Mapping[str, str],
         return TORCHVISION_SCAN_SIZE, (f"none recorded; {arch} is scanned at the {TORCHVISION_SCAN_SIZE} px "
                                        f"this project trains it at")
     return default_image_size, f"none recorded; {arch}'s native size"
+
+
+def _held_out_split(dataset: str, recorded: str) -> str:
+    """'test' where the dataset has one (images the encoder was not trained on, as the
+    reference's CIFAR10 test.npz), else the recorded pre-training split."""
+    from sslbackdoor.data.datasets import DATASETS, dataset_names
+
+    dataset_names()  # registers every source
+    kind, _, arg = dataset.partition(":")
+    entry = (DATASETS.get(f"{kind}:") if arg else None) or DATASETS.get(kind)
+    return "test" if entry is not None and "test" in entry.splits else recorded
 
 
 def _json_field(metadata: Mapping[str, str], key: str) -> object:
