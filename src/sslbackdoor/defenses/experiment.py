@@ -416,7 +416,7 @@ def _scale_line(results: dict[str, Any]) -> str:
             f"task {config['task']} ({config['train_limit']} train / {config['test_limit']} test), "
             f"defender shadow {results['provenance']['defender_shadow']['images']} images; "
             f"Neural Cleanse ≤ {nc['steps']}×{nc['batches_per_step']} batches per label; DECREE ≤ "
-            f"{config['decree']['inversion']['steps']} steps; MNTD {mntd['train_models']} + "
+            f"{config['decree']['inversion']['steps']} epochs over the shadow set; MNTD {mntd['train_models']} + "
             f"{mntd['heldout_models']} shadow encoders × {mntd['shadow']['steps']} steps; "
             f"PatchGuard r={config['patchguard']['receptive_field']}, "
             f"s={config['patchguard']['stride']}; device {env['device']} "
