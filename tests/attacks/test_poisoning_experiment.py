@@ -319,3 +319,12 @@ def test_cli_report_across_seeds_refuses_another_config_and_writes_nothing(
     assert "differs from seed 0 in trigger_size" in capsys.readouterr().err
     assert not (tmp_path / "seeds.md").exists()
     assert not any((folder / "report.md").exists() for folder in folders)
+
+
+def test_downstream_splits_that_share_images_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([1, 7, 8, 9] * 10)
+    monkeypatch.setattr(pe, "load_native_labelled", lambda *args, **kwargs: (images, labels))
+    config = PoisoningExperimentConfig.model_validate(tiny())
+    with pytest.raises(UserInputError, match="test images also appear in its"):
+        pe.downstream_data(config)

@@ -81,6 +81,7 @@ from sslbackdoor.data.native import (
     resize_center_crop,
 )
 from sslbackdoor.data.sources import load_sources
+from sslbackdoor.downstream.evaluate import check_split_leakage, check_two_splits
 from sslbackdoor.downstream.features import encode
 from sslbackdoor.downstream.probe import ProbeConfig, predict, train_probe
 from sslbackdoor.engine import atomic_write_text, resolve_device, seed_everything
@@ -405,6 +406,7 @@ def downstream_data(config: PoisoningExperimentConfig) -> dict[str, torch.Tensor
     (Resize + CenterCrop of the native image, uint8 [N,3,S,S]) and their labels,
     renumbered 0..C-1."""
     task = config.downstream
+    check_two_splits(task.dataset)
     out: dict[str, torch.Tensor] = {}
     splits: tuple[tuple[Split, int | None], ...] = (("train", task.train_limit),
                                                     ("test", task.test_limit))
@@ -414,6 +416,7 @@ def downstream_data(config: PoisoningExperimentConfig) -> dict[str, torch.Tensor
         remap = {c: i for i, c in enumerate(task.classes)}
         out[f"{split}_images"] = resize_center_crop(pick(images, keep), config.image_size)
         out[f"{split}_labels"] = torch.tensor([remap[int(y)] for y in labels[keep]])
+    check_split_leakage(f"downstream.dataset {task.dataset}", out["train_images"], out["test_images"])
     return out
 
 
