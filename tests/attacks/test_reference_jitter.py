@@ -7,9 +7,8 @@ from sslbackdoor.attacks.reference_jitter import (
     apply_jitter,
     augment,
     draw_jitter,
-    hsv_to_rgb,
-    rgb_to_hsv,
 )
+from sslbackdoor.ssl.simclr import hsv_to_rgb, rgb_to_hsv
 
 TORCHVISION_OPERATIONS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
                           TF.adjust_hue)

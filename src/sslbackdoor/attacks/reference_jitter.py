@@ -8,19 +8,20 @@ grayscale p=0.2. `augment_each` runs torchvision's transforms image by image in 
 encoder step, and the reference code's L1 needs one augmented reference per shadow image
 every step (`BadEncoderConfig.reference_augmentations`). Here every image still gets its own
 draw, and the same formulas as torchvision's (blend and clamp, ITU-R 601-2 luma, a hue
-rotation in HSV) run on the whole batch with per-image factors.
+rotation in HSV) run on the whole batch with per-image factors, through the SimCLR views'
+own batched ColorJitter (`ssl.simclr.color_jitter`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from sslbackdoor.ssl.simclr import color_jitter, grayscale
+
 FLIP_P, JITTER_P, GRAY_P = 0.5, 0.8, 0.2
 STRENGTH, HUE = 0.4, 0.1
-LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 @dataclass
@@ -56,77 +57,9 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> t
 def apply_jitter(images: torch.Tensor, draw: JitterDraw) -> torch.Tensor:
     """Flip, then the jitter operations in each image's drawn order, then grayscale."""
     out = torch.where(_per_image(draw.flip, images), images.flip(-1), images)
-    for position in range(4):
-        for operation, function in enumerate(OPERATIONS):
-            chosen = (draw.jitter & (draw.order[:, position] == operation)).to(images.device)
-            if bool(chosen.any()):
-                out[chosen] = function(out[chosen], draw.factors[:, operation].to(images.device)[chosen])
+    out = color_jitter(out, draw.factors, draw.order, draw.jitter)
     return torch.where(_per_image(draw.gray, images), grayscale(out).expand_as(out), out)
 
 
 def _per_image(flags: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return flags.to(images.device).view(-1, 1, 1, 1)
-
-
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """Luma [B,1,H,W] of RGB images [B,3,H,W]."""
-    red, green, blue = images.unbind(dim=1)
-    return (LUMA[0] * red + LUMA[1] * green + LUMA[2] * blue).unsqueeze(1)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    ratio = factors.view(-1, 1, 1, 1)
-    return (ratio * images + (1 - ratio) * other).clamp(0, 1)
-
-
-def brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend(images, torch.zeros_like(images), factors)
-
-
-def contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend(images, grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factors)
-
-
-def saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend(images, grayscale(images), factors)
-
-
-def hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's hue by its shift (a fraction of the colour circle)."""
-    h, s, v = rgb_to_hsv(images).unbind(dim=1)
-    return hsv_to_rgb(torch.stack([(h + shifts.view(-1, 1, 1)) % 1.0, s, v], dim=1))
-
-
-def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    """[B,3,H,W] RGB in [0,1] → HSV with hue in [0,1) (Pillow's and torchvision's formula)."""
-    red, green, blue = images.unbind(dim=1)
-    low, high = torch.aminmax(images, dim=1)
-    grey = high == low  # hue and saturation are 0 where all channels are equal
-    span = high - low
-    s = span / torch.where(grey, torch.ones_like(high), high)
-    divisor = torch.where(grey, torch.ones_like(span), span)
-    rc, gc, bc = (high - red) / divisor, (high - green) / divisor, (high - blue) / divisor
-    h = torch.where(high == red, bc - gc, torch.where(high == green, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(grey, torch.zeros_like(h), h)
-    return torch.stack([(h / 6.0 + 1.0) % 1.0, s, high], dim=1)
-
-
-def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of `rgb_to_hsv`."""
-    h, s, v = images.unbind(dim=1)
-    sector = torch.floor(h * 6)
-    fraction = h * 6 - sector
-    sector = sector.long() % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * fraction)).clamp(0, 1)
-    t = (v * (1 - s * (1 - fraction))).clamp(0, 1)
-    candidates = torch.stack([v, p, q, t], dim=1)  # [B,4,H,W]
-    # for each sector, which of (v, p, q, t) is red, green, blue
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]],
-                          device=images.device)
-    index = select[:, sector].movedim(0, 1)  # [B,3,H,W]
-    return candidates.gather(1, index)
-
-
-OPERATIONS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
-    brightness, contrast, saturation, hue)
