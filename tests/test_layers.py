@@ -38,11 +38,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 
 # Upward imports not fixed yet, each with the fix it waits for: (importer, imported).
-ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    ("sslbackdoor.attacks.poisoning_experiment", "sslbackdoor.attacks.cli"):
-        "TODO(#18): move trigger_patch, official_trigger and OFFICIAL_TRIGGER out of attacks/cli.py "
-        "into the attacks layer (attacks/corruptencoder.py) and import them from there in both",
-}
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 # A registry importing the modules that register into it, so that looking a name up finds
 # them (vissl's import_all_modules): the plugin depends on the registry, not the reverse,

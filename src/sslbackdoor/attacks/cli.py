@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import numpy as np
 import typer
 
+from sslbackdoor.attacks.corruptencoder import trigger_patch
 from sslbackdoor.errors import UserInputError
 
 poison_app = typer.Typer(no_args_is_help=True,
@@ -25,7 +26,6 @@ TriggerPattern = Annotated[str, typer.Option(
                               "trigger_10.png) | image | random | white | checkerboard")]
 TriggerImage = Annotated[Path | None, typer.Option(
     "--trigger-image", help="pattern image for --trigger-pattern image or official")]
-OFFICIAL_TRIGGER = Path("corruptencoder") / "triggers" / "trigger_10.png"
 Seed = Annotated[int, typer.Option("--seed")]
 
 
@@ -40,39 +40,6 @@ def poison_count(count: int | None, ratio: float | None, pretrain_size: int | No
     if not 0 < ratio < 1:
         raise UserInputError(f"--ratio must be in (0, 1), got {ratio}")
     return max(1, math.ceil(ratio * pretrain_size))
-
-
-def official_trigger(image: Path | None) -> Path:
-    """The official colourful trigger: `image`, else trigger_10.png under the data folder;
-    it is not shipped with the package (the authors' file, not ours to redistribute)."""
-    from sslbackdoor.data.datasets import data_dir
-
-    path = image if image is not None else data_dir() / OFFICIAL_TRIGGER
-    if not path.is_file():
-        raise UserInputError(f"the official CorruptEncoder trigger {path} is missing: copy "
-                             f"triggers/trigger_10.png of the authors' release "
-                             f"(github.com/jzhang538/CorruptEncoder, generate-poison/) there, "
-                             f"pass --trigger-image PATH, or use --trigger-pattern random")
-    return path
-
-
-def trigger_patch(size: int, pattern: str, image: Path | None, seed: int) -> np.ndarray:
-    """A uint8 [size,size,3] trigger patch from the project's trigger patterns ("official":
-    CorruptEncoder's trigger_10.png resized to size×size)."""
-    from pydantic import ValidationError
-
-    from sslbackdoor.data.triggers import TriggerSpec, patch_pattern
-
-    if pattern == "official":
-        pattern, image = "image", official_trigger(image)
-
-    try:
-        spec = TriggerSpec(size=size, pattern=pattern, image=image, seed=seed)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserInputError(f"trigger: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    patch = patch_pattern(spec).permute(1, 2, 0).numpy()
-    return np.round(patch * 255).astype(np.uint8)
 
 
 def images_in(folder: Path | None, what: str) -> list[Path]:

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sslbackdoor.attacks.cli import trigger_patch
 from sslbackdoor.attacks.corruptencoder import (
     PoisonConfig,
     PoisonLayout,
@@ -56,6 +55,7 @@ from sslbackdoor.attacks.corruptencoder import (
     load_reference_objects,
     read_manifest,
     save_png,
+    trigger_patch,
 )
 from sslbackdoor.attacks.crop_pairs import (
     expected_attack_pairs,
