@@ -362,11 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input → exit 2 with one line; a full disk → exit 1 with one line;
     anything else unexpected keeps its traceback (exit 1)."""
     import sslbackdoor.data.images  # noqa: F401 - caps Pillow's pixel limit for every image read
-    from sslbackdoor.run_lock import lock_out_folders
+    from sslbackdoor.run_lock import locking
 
     # Every command with an --out folder holds its lock (one run per folder at a time), and
     # an --out that could not be written is refused before the lock or any work.
-    command = check_outputs_first(lock_out_folders(typer.main.get_command(app)))
+    command = wrap_out_commands(typer.main.get_command(app), lambda run: _checking_out(locking(run)))
     try:
         code = command.main(args=argv, prog_name="sslbackdoor", standalone_mode=False)
     except UserInputError as exc:
@@ -433,20 +433,21 @@ def _usage_message(exc: Any) -> str:
     return f"{message.rstrip('.')}{listed} (see '{ctx.command_path} --help')"
 
 
-def check_outputs_first(command: Any) -> Any:
-    """Make every command (of a click-style group, recursively) with an `out` folder refuse
-    an unusable one (a file, a path under a file, a read-only folder) before doing any work.
-    Duck-typed like `lock_out_folders`: typer ships its own copy of click."""
+def wrap_out_commands(command: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """Wrap the callback of every command (of a click-style group, recursively) that takes an
+    `out` folder. Duck-typed: typer ships its own copy of click, whose classes are not click's."""
     subcommands = getattr(command, "commands", None)
     if isinstance(subcommands, dict):
         for sub in subcommands.values():
-            check_outputs_first(sub)
+            wrap_out_commands(sub, wrap)
     elif command.callback is not None and any(p.name == "out" for p in command.params):
-        command.callback = _checking_out(command.callback)
+        command.callback = wrap(command.callback)
     return command
 
 
 def _checking_out(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """`callback` refusing an unusable `out` (a file, a path under a file, a read-only
+    folder) before doing any work."""
     @functools.wraps(callback)
     def checked(*args: Any, **kwargs: Any) -> Any:
         from sslbackdoor.engine import check_output_folder

@@ -127,22 +127,10 @@ def is_locked_here(folder: Path | str) -> bool:
     return _key(Path(folder)) in _HELD
 
 
-def lock_out_folders(command: Any) -> Any:
-    """Make every command (of a click-style group, recursively) that takes an `out` folder
-    hold its lock while it runs; a dry run (`dry` set, or no folder) takes none. The library
-    functions lock too; this covers the commands that write their folder directly.
-
-    Duck-typed: typer ships its own copy of click, whose classes are not `click`'s."""
-    subcommands = getattr(command, "commands", None)
-    if isinstance(subcommands, dict):
-        for sub in subcommands.values():
-            lock_out_folders(sub)
-    elif command.callback is not None and any(p.name == "out" for p in command.params):
-        command.callback = _locking(command.callback)
-    return command
-
-
-def _locking(callback: Callable[..., Any]) -> Callable[..., Any]:
+def locking(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """`callback` holding the lock of its `out` folder while it runs; a dry run (`dry` set,
+    or no folder) takes none. The library functions lock too; this covers the commands
+    that write their folder directly."""
     @functools.wraps(callback)
     def locked(*args: Any, **kwargs: Any) -> Any:
         out = kwargs.get("out")
