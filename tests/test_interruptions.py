@@ -28,6 +28,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from tests.attacks.test_poisoning_experiment import tiny
+
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -266,26 +268,10 @@ def _cells(folder: Path) -> Any:
 
 
 def test_corruptencoder_resumes_mid_epoch_and_after_a_finished_encoder(tmp_path: Path) -> None:
-    config = {
-        "name": "tiny-corruptencoder", "kind": "corruptencoder", "seed": 0, "device": "cpu",
-        "image_size": 16, "methods": ["clean", "corruptencoder"], "localized_crop": [False],
-        "pretrain_data": [
-            {"dataset": "sklearn-digits", "split": "train", "classes": [0, 2, 3, 4, 5, 6],
-             "limit": 400},
-            {"dataset": "natural-crops:60", "split": "unlabeled", "classes": [0, 2, 4, 6, 8],
-             "limit": 20}],
-        "simclr": {"arch": "convnet:4", "epochs": 3, "batch_size": 64, "hidden_dim": 16,
-                   "projection_dim": 8, "temperature": 0.2, "precision": "fp32"},
-        "poison_ratio": 0.05,
-        "references": {"dataset": "sklearn-digits", "label": 1, "count": 3},
-        "supports": {"dataset": "sklearn-digits", "label": 1, "count": 10, "offset": 3},
-        "backgrounds": {"dataset": "natural-crops:60", "split": "unlabeled",
-                        "classes": [1, 3, 5, 7], "limit": 12},
-        "background_size": 32, "trigger_size": 3,
-        "layout": {"object_height": 16},
-        "downstream": {"dataset": "sklearn-digits", "classes": [1, 7, 8, 9], "target_class": 1,
-                       "probe": {"kind": "linear", "epochs": 3, "lr": 0.01, "batch_size": 64}},
-    }
+    # The poisoning tests' tiny experiment, with enough images and epochs to interrupt.
+    config = tiny(methods=["clean", "corruptencoder"], localized_crop=[False],
+                  simclr__epochs=3, layout__object_height=16)
+    config["pretrain_data"][0]["limit"] = 400
 
     def mid_epoch(folder: Path) -> None:
         [state] = folder.glob("encoders/*/training_state.safetensors")
